@@ -1,0 +1,74 @@
+"""The one error tree of qmpshadow.
+
+Every error the package raises on purpose derives from :class:`QmpShadowError`. Messages say
+what was expected, what came, and what to do. ``asyncio.CancelledError`` is never wrapped.
+"""
+
+from __future__ import annotations
+
+
+class QmpShadowError(Exception):
+    """Root of every error qmpshadow raises on purpose."""
+
+
+class ConfigError(QmpShadowError):
+    """A VM spec, option or argument is invalid."""
+
+
+class StreamFormatError(QmpShadowError):
+    """Bytes of a QEMU migration stream (or COLO framing) do not follow the format.
+
+    Carries the absolute stream ``offset`` of the offending bytes and, where known, the
+    ``section`` (idstr or description) being parsed.
+    """
+
+    def __init__(self, message: str, *, offset: int, section: str | None = None) -> None:
+        where = f"at offset {offset}"
+        if section:
+            where += f" in section {section!r}"
+        super().__init__(f"{message} ({where})")
+        self.offset = offset
+        self.section = section
+        self.reason = message
+
+
+class StreamUnsupportedError(StreamFormatError):
+    """Well-formed stream content that qmpshadow deliberately does not handle."""
+
+
+class QemuError(QmpShadowError):
+    """A QEMU process could not be launched, became unreachable or exited unexpectedly."""
+
+
+class AccelError(QemuError):
+    """The requested accelerator (e.g. KVM) is not usable on this host."""
+
+
+class QmpError(QmpShadowError):
+    """QMP transport failure (connect, disconnect, timeout)."""
+
+
+class QmpCommandError(QmpError):
+    """QEMU answered a QMP command with an error; ``error_class`` is QMP's class."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP command {command!r} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpTimeoutError(QmpError):
+    """A QMP command or event wait did not finish in time."""
+
+
+class TransportError(QmpShadowError):
+    """A replication link failed (connect, authentication, peer death, corruption)."""
+
+
+class FrameError(QmpShadowError):
+    """A delta frame is malformed, corrupt (checksum) or from a fenced generation."""
+
+
+class MigrationError(QmpShadowError):
+    """A live migration failed; the source was left running."""
