@@ -44,6 +44,19 @@ class AccelError(QemuError):
     """The requested accelerator (e.g. KVM) is not usable on this host."""
 
 
+class QemuExitedError(QemuError):
+    """A QEMU process exited while it was expected to run (e.g. during start).
+
+    Carries the ``returncode`` (negative: killed by that signal) and the ``stderr_tail``
+    (last lines QEMU wrote to its log), which usually names the offending option.
+    """
+
+    def __init__(self, message: str, *, returncode: int | None, stderr_tail: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
 class QmpError(QmpShadowError):
     """QMP transport failure (connect, disconnect, timeout)."""
 
