@@ -83,5 +83,39 @@ class FrameError(QmpShadowError):
     """A delta frame is malformed, corrupt (checksum) or from a fenced generation."""
 
 
+class FrameFormatError(FrameError):
+    """Delta-frame bytes are malformed: bad magic/version/type, out-of-bounds length or field.
+
+    Carries the absolute ``offset`` in the frame stream (or in the page-record payload, for
+    the page codec) of the offending bytes. The stream cannot be resynchronised after it:
+    drop the connection and start a new session (the sender then resets its caches).
+    """
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(f"{message} (at offset {offset})")
+        self.offset = offset
+        self.reason = message
+
+
+class FrameChecksumError(FrameFormatError):
+    """A frame's header or payload checksum does not match its bytes (corruption in transit)."""
+
+
+class FencedFrameError(FrameError):
+    """A frame carries a generation (fencing token) older than the newest one seen.
+
+    ``frame_generation`` is the frame's, ``current_generation`` the receiver's. The sender is
+    a deposed primary: it must stop, never retry.
+    """
+
+    def __init__(self, frame_generation: int, current_generation: int) -> None:
+        super().__init__(
+            f"frame from generation {frame_generation} refused: generation "
+            f"{current_generation} is current (the sender was fenced; stop it)"
+        )
+        self.frame_generation = frame_generation
+        self.current_generation = current_generation
+
+
 class MigrationError(QmpShadowError):
     """A live migration failed; the source was left running."""
