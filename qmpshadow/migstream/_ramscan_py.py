@@ -9,7 +9,9 @@ or rejects it with a precise error. ``apply_records`` writes decoded records int
 
 from __future__ import annotations
 
-from collections.abc import Buffer, Mapping
+from collections.abc import Mapping
+
+Buffer = bytes | bytearray | memoryview
 
 NEED_DATA = 0
 SPECIAL = 1

@@ -188,14 +188,6 @@ class DeviceSection:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceBlob:
-    """Device sections that could not be split into sections (no footers): raw bytes
-    from the first SECTION_FULL type byte up to, excluding, the EOF byte."""
-
-    raw: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class CommandSection:
     """QEMU_VM_COMMAND: be16 command, be16 length, data."""
 
@@ -235,7 +227,7 @@ class ColoVmstate:
     """The device state of one COLO checkpoint (``size`` bytes after VMSTATE_SIZE)."""
 
     checkpoint: int
-    sections: tuple[DeviceSection, ...] | DeviceBlob
+    sections: tuple[DeviceSection, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +247,6 @@ Event = (
     | RamXbzrle
     | RamEos
     | DeviceSection
-    | DeviceBlob
     | CommandSection
     | Eof
     | VmDescription

@@ -37,7 +37,6 @@ from .events import (
     ColoVmstate,
     CommandSection,
     Configuration,
-    DeviceBlob,
     DeviceSection,
     EndOfStream,
     Eof,
@@ -120,7 +119,7 @@ class StreamParser:
         self._dev = bytearray()
         self._dev_offset = 0
         self._dev_scan = 0
-        self._vmdesc_seen = False
+        self._end_emitted = False
 
     # -- public API -------------------------------------------------------------------
     @property
@@ -566,7 +565,6 @@ class StreamParser:
                     offset=self._dev_offset + len(self._dev), section="devices")
             self._queue_devices(bytes(self._dev[:-1]), self._dev_offset)
             self._pending.append(Eof())
-            self._pending.append(EndOfStream())
             self._dev = bytearray()
             self._state = _S_DONE
             return None
@@ -595,12 +593,12 @@ class StreamParser:
         while i >= 0:
             self._dev_scan = i
             if i + 7 > len(dev):
-                break  # the length is not here yet: look again when more arrives
+                return None  # the length is not here yet: look again when more arrives
             n = int.from_bytes(dev[i + 2 : i + 6], "big")
             if 2 <= n <= self.limits.max_vmdesc and dev[i + 6] == 0x7B:  # '{'
                 end = i + 6 + n
                 if end > len(dev):
-                    break  # a plausible candidate still arriving
+                    return None  # a plausible candidate still arriving
                 if dev[end - 1] == 0x7D and self._vmdesc_fits(i, end):  # '}'
                     return i, end
             i = dev.find(pat, i + 1)
@@ -621,9 +619,10 @@ class StreamParser:
     def _queue_devices(self, region: bytes, base: int) -> None:
         sections = _split_devices(region, None)
         if sections is None:
-            self._pending.append(DeviceBlob(region))
-        else:
-            self._pending.extend(sections)
+            raise StreamFormatError(
+                "device sections do not split at their footers: the stream is truncated or "
+                "corrupt", offset=base, section="devices")
+        self._pending.extend(sections)
 
     # -- after EOF, COLO -----------------------------------------------------------------
     def _after_eof(self) -> Event | _NeedData | None:
@@ -631,7 +630,7 @@ class StreamParser:
         if not inp.ensure(1):
             if inp.ended:
                 self._state = _S_DONE
-                return EndOfStream()
+                return None
             return NEED_DATA
         if inp.byte() != SectionType.VMDESCRIPTION:
             if self.colo_enabled:
@@ -659,7 +658,7 @@ class StreamParser:
                 if inp.available():
                     raise self._error("truncated COLO message")
                 self._state = _S_DONE
-                return EndOfStream()
+                return None
             return NEED_DATA
         value = inp.be(0, 4)
         try:
@@ -698,13 +697,19 @@ class StreamParser:
         self._state = _S_COLO
         self.checkpoints += 1
         sections = _split_devices(region[:-1], None)
-        return ColoVmstate(self.checkpoints,
-                           tuple(sections) if sections is not None else DeviceBlob(region[:-1]))
+        if sections is None:
+            raise StreamFormatError(
+                "COLO device state does not split into sections at their footers",
+                offset=inp.offset - n, section="devices")
+        return ColoVmstate(self.checkpoints, tuple(sections))
 
     def _done(self) -> Event | _NeedData | None:
         inp = self._in
         if inp.available():
             raise self._error(f"{inp.available()} bytes after the end of the stream")
+        if inp.ended and not self._end_emitted:
+            self._end_emitted = True
+            return EndOfStream()
         return NEED_DATA
 
 

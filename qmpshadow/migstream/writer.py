@@ -15,7 +15,6 @@ from .events import (
     ColoVmstate,
     CommandSection,
     Configuration,
-    DeviceBlob,
     DeviceSection,
     EndOfStream,
     Eof,
@@ -104,8 +103,6 @@ class StreamWriter:
             return _be(RamFlag.EOS, 8)
         if isinstance(ev, DeviceSection):
             return device_section_bytes(ev)
-        if isinstance(ev, DeviceBlob):
-            return ev.raw
         if isinstance(ev, CommandSection):
             return (bytes([SectionType.COMMAND]) + _be(ev.command, 2) + _be(len(ev.data), 2)
                     + ev.data)
@@ -119,8 +116,6 @@ class StreamWriter:
                 out += _be(ev.value, 8)
             return out
         if isinstance(ev, ColoVmstate):
-            if isinstance(ev.sections, DeviceBlob):
-                return ev.sections.raw + bytes([SectionType.EOF])
             return b"".join(device_section_bytes(s) for s in ev.sections) + bytes(
                 [SectionType.EOF])
         if isinstance(ev, EndOfStream):

@@ -1,0 +1,1 @@
+"""Asyncio shells around the migration-stream codec: inspect (record and diff later)."""
