@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import ModuleType
 
 from . import ramscan
 from .events import Event, RamMemSize, RamRecords, RamXbzrle
@@ -15,8 +16,9 @@ class RamImage:
     ``only`` limits which blocks are kept (None = all announced blocks).
     """
 
-    def __init__(self, only: set[str] | None = None) -> None:
+    def __init__(self, only: set[str] | None = None, *, impl: ModuleType | None = None) -> None:
         self.only = only
+        self._apply = (impl or ramscan).apply_records
         self.blocks: dict[str, bytearray] = {}
         self.page_size = 4096
 
@@ -28,7 +30,7 @@ class RamImage:
         """Update the image from one event; other event types are ignored."""
         if isinstance(ev, RamRecords):
             self.page_size = ev.page_size
-            ramscan.apply_records(ev.data, ev.records, ev.page_size, self.blocks)
+            self._apply(ev.data, ev.records, ev.page_size, self.blocks)
         elif isinstance(ev, RamXbzrle):
             buf = self.blocks.get(ev.block)
             if buf is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass
+from types import ModuleType
 
 from ..errors import StreamFormatError, StreamUnsupportedError
 from . import ramscan
@@ -95,8 +96,10 @@ _KNOWN_FLAGS = (
 class StreamParser:
     """Bytes of one migration stream in, :mod:`events <qmpshadow.migstream.events>` out."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, *, impl: ModuleType | None = None) -> None:
+        """``impl`` picks a twin of the RAM hot loop (default: the live one)."""
         self.limits = limits or Limits()
+        self._scan = (impl or ramscan).scan_records
         self._in = Input()
         self._state = _S_HEADER
         self._pending: deque[Event] = deque()
@@ -413,7 +416,7 @@ class StreamParser:
         inp = self._in
         buf, pos, end = inp.view()
         if end - pos >= 8:
-            new_pos, block, records, _status = ramscan.scan_records(
+            new_pos, block, records, _status = self._scan(
                 buf, pos, end, self.page_size, self._cur_block, self.blocks,
                 self.limits.max_records_per_event,
             )
