@@ -371,3 +371,38 @@ async def test_boot_under_kvm(kernel: Path, workdir: Path) -> None:
     assert start.slots == 256
     assert_healthy(parse_serial(text))
     print(f"\n[kvm] first COUNTER after {boot_s:.2f}s, last {parse_serial(text)[-1]}")
+
+
+LINUX_GUEST = Path(__file__).resolve().parents[2] / "build" / "linux-guest"
+
+
+@pytest.mark.slow
+async def test_linux_guest_boots_under_tcg(workdir: Path) -> None:
+    """The optional Debian-kernel + busybox guest (qemu-scripts/build-linux-guest.sh).
+
+    Opt-in: runs only when that script has been run (it installs Debian packages, so no
+    test runs it); ~20 s under TCG.
+    """
+    vmlinuz, initrd = LINUX_GUEST / "vmlinuz", LINUX_GUEST / "initramfs.cpio.gz"
+    if not (vmlinuz.is_file() and initrd.is_file()):
+        pytest.skip(
+            "Linux test guest not built: run qemu-scripts/build-linux-guest.sh (installs "
+            "busybox-static, linux-image-amd64, cpio)"
+        )
+    serial = workdir / "console.log"
+    cmd = [
+        QEMU,
+        *("-machine", "pc", "-accel", "tcg", "-cpu", "qemu64", "-m", "256"),
+        *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+        *("-kernel", str(vmlinuz), "-initrd", str(initrd)),
+        *("-append", "console=ttyS0 panic=-1 lg.mib=2 lg.delay=0.05"),
+        *("-chardev", f"file,id=s0,path={serial}", "-serial", "chardev:s0"),
+    ]
+    async with run_qemu(cmd, serial, "qemu") as guest:
+        first = await wait_counter(guest, timeout=90)
+        boot_s = time.monotonic() - guest.started
+        await wait_counter(guest, above=first.counter + 2, timeout=30)
+    text = guest.text()
+    assert "LINUXGUEST ready kernel=" in text
+    assert_healthy(parse_serial(text))
+    print(f"\n[linux] first COUNTER after {boot_s:.1f}s, last {parse_serial(text)[-1]}")
