@@ -475,6 +475,7 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
                 cfg_pages, want_pages, want_pages);
         cfg_pages = want_pages;
     }
+    uint32_t region_mib_eff = (want_pages + 255u) / 256u; /* as clamped, before rounding */
     region_slots = want_pages - want_pages % cfg_pages; /* a multiple of N */
     region_blocks = region_slots / cfg_pages;
     region = (uint8_t *)(uintptr_t)REGION_BASE;
@@ -488,7 +489,7 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
 
     kprintf("DIRTIER start pages=%u region=%u delay=%u pattern=%s mem=%u print=%u slots=%u "
             "base=0x%x tsc_khz=%u\n",
-            cfg_pages, (uint32_t)(region_slots / 256u), cfg_delay_us,
+            cfg_pages, region_mib_eff, cfg_delay_us,
             pattern_names[cfg_pattern], (uint32_t)(mem_top >> 20), cfg_print_ms,
             region_slots, REGION_BASE, tsc_khz);
 
