@@ -3,8 +3,10 @@
 - ``short_tmp``: a short temporary directory (unix socket paths are limited to 107
   bytes, pytest's ``tmp_path`` can exceed that).
 - ``run_dir``: a fresh ``RunPaths`` under ``short_tmp``.
-- ``tcg`` / ``kvm``: resolved ``AccelChoice``; ``kvm`` skips (with the probe's reason)
-  where KVM is unusable.
+- ``tcg`` / ``kvm`` / ``accel``: resolved ``AccelChoice``; ``kvm`` skips (with the
+  probe's reason) where KVM is unusable; ``accel`` is ``detect_accel()`` (honours
+  ``$QMPSHADOW_ACCEL``; on this project's host KVM is nested and slow, so prefer ``tcg``
+  unless a test is about KVM).
 - ``vm_spec``: a minimal spec (SeaBIOS, no kernel: it boots and idles, enough for QMP).
 - ``launch_vm``: async factory ``await launch_vm(spec=None, *, role="primary",
   accel="tcg", mem_path=None, incoming=False, extra_args=(), run=None, name=None)``
@@ -64,6 +66,12 @@ def kvm() -> AccelChoice:
         return detect_accel("kvm")
     except AccelError as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture
+def accel() -> AccelChoice:
+    """What ``detect_accel("auto")`` picks here (KVM if usable, else TCG)."""
+    return detect_accel()
 
 
 @pytest.fixture
