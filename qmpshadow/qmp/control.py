@@ -68,7 +68,7 @@ class _Client(QMPClient):
     qemu.qmp's default ``events`` listener queues every event *and* keeps all of them in
     an ever-growing ``history`` list; over thousands of checkpoints (STOP, RESUME,
     MIGRATION per epoch) that is a leak, so dispatch is redirected (``_event_dispatch``
-    is qemu.qmp's hook for exactly this, present in 0.0.3 through 0.0.6).
+    is the hook qemu.qmp 0.0.6 routes every event through; re-check it when upgrading).
     """
 
     def __init__(self, name: str, hub: EventHub) -> None:
