@@ -13,11 +13,12 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, QmpShadowError, StreamFormatError
-from ..migstream import NEED_DATA, StreamParser
+from ..migstream import StreamParser
 from ..migstream.colo import ColoSecondary, encode_colo
-from ..migstream.events import ColoVmstate, EndOfStream, Event
+from ..migstream.events import ColoVmstate, EndOfStream, Event, _NeedData
 from ..migstream.summary import StreamSummary
 
 CHUNK = 4 << 20
@@ -40,12 +41,11 @@ def parse_source(source: str) -> tuple[str, str]:
 
 def _drain(parser: StreamParser, summary: StreamSummary, sink: Callable[[Event], None] | None
            ) -> list[Event]:
-    out = []
+    out: list[Event] = []
     while True:
         ev = parser.next_event()
-        if ev is NEED_DATA:
+        if isinstance(ev, _NeedData):
             return out
-        assert not isinstance(ev, type(NEED_DATA))
         summary.feed(ev)
         if sink is not None:
             sink(ev)
@@ -79,12 +79,19 @@ def inspect_file(path: str, *, keep_pages: bool = False,
 async def inspect_unix(path: str, *, keep_pages: bool = False, max_checkpoints: int = 3,
                        timeout: float = 120.0, on_listen: Callable[[], None] | None = None,
                        progress: ProgressFn | None = None,
-                       sink: Callable[[Event], None] | None = None) -> StreamSummary:
+                       sink: Callable[[Event], None] | None = None,
+                       record_to: str | None = None) -> StreamSummary:
     """Listen on unix socket ``path`` for one migration and summarise it.
 
     Acts as COLO secondary when the stream enables COLO, for ``max_checkpoints``
-    checkpoints. Raises QmpShadowError on timeout, StreamFormatError on bad bytes.
+    checkpoints. ``record_to`` also writes the received bytes to that file. Raises
+    QmpShadowError on timeout, StreamFormatError on bad bytes, ConfigError when the
+    recording cannot be written.
     """
+    try:
+        record = open(record_to, "wb") if record_to else None  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"cannot write recording {record_to!r}: {exc.strerror}") from None
     summary = StreamSummary(keep_pages=keep_pages)
     done = asyncio.get_running_loop().create_future()
 
@@ -95,6 +102,8 @@ async def inspect_unix(path: str, *, keep_pages: bool = False, max_checkpoints: 
         try:
             while True:
                 chunk = await reader.read(CHUNK)
+                if record is not None:
+                    record.write(chunk)
                 parser.receive_data(chunk)
                 received += len(chunk)
                 if progress:
@@ -138,39 +147,41 @@ async def inspect_unix(path: str, *, keep_pages: bool = False, max_checkpoints: 
     finally:
         server.close()
         await server.wait_closed()
+        if record is not None:
+            record.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return summary
 
 
-def format_human(doc: dict[str, object]) -> str:
+def format_human(doc: dict[str, Any]) -> str:
     """Human-readable report of a summary document."""
     lines = []
-    caps = ", ".join(doc["capabilities"]) or "none"  # type: ignore[arg-type]
+    caps = ", ".join(doc["capabilities"]) or "none"
     lines.append(f"stream version {doc['version']}  machine {doc['machine_type']}  "
                  f"page size {doc['page_size']}  capabilities: {caps}")
     secs = doc["sections"]
-    lines.append(f"sections: {secs}  commands: "  # type: ignore[str-format]
-                 + (", ".join(c["command"] for c in doc["commands"]) or "none")  # type: ignore[attr-defined,index]
+    lines.append(f"sections: {secs}  commands: "
+                 + (", ".join(c["command"] for c in doc["commands"]) or "none")
                  + f"  complete: {doc['complete']}")
     lines.append("")
     lines.append(f"{'RAM block':<28}{'length':>12}{'pages':>10}{'zero':>10}{'xbzrle':>8}"
                  f"{'records':>10}")
-    for b in doc["ram_blocks"]:  # type: ignore[attr-defined]
+    for b in doc["ram_blocks"]:
         recs = b["page_records"] + b["zero_records"] + b["xbzrle_records"]
         lines.append(f"{b['id']:<28}{b['length']:>12}{b['pages']:>10}{b['zero_pages']:>10}"
                      f"{b['xbzrle_records']:>8}{recs:>10}")
     lines.append("")
     devices = doc["devices"]
-    lines.append(f"devices: {len(devices)}"  # type: ignore[arg-type]
+    lines.append(f"devices: {len(devices)}"
                  + (f", vmdesc {doc['vmdesc_size']} bytes" if doc["vmdesc_size"] else ""))
-    for d in devices:  # type: ignore[attr-defined]
+    for d in devices:
         lines.append(f"  {d['name'] + '/' + str(d['instance']):<40}{d['size']:>8} bytes  "
                      f"v{d['version']}")
     if doc["colo"]:
         lines.append("")
         lines.append(f"COLO checkpoints: {doc['colo_checkpoints']}")
-        for cp in doc["checkpoints"]:  # type: ignore[attr-defined]
+        for cp in doc["checkpoints"]:
             lines.append(f"  #{cp['index']}: {cp['page_records']} dirty pages, "
                          f"{cp['zero_records']} zero, {cp['xbzrle_records']} xbzrle, "
                          f"device state {cp['device_state_size']} bytes "
@@ -178,7 +189,7 @@ def format_human(doc: dict[str, object]) -> str:
     if "pages" in doc:
         lines.append("")
         lines.append("pages:")
-        for p in doc["pages"]:  # type: ignore[attr-defined]
+        for p in doc["pages"]:
             cp = f" checkpoint {p['checkpoint']}" if "checkpoint" in p else ""
             lines.append(f"  {p['block']} 0x{p['offset']:x} {p['kind']}{cp}")
     return "\n".join(lines)
