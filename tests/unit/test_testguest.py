@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import struct
 from pathlib import Path
 
@@ -222,6 +223,30 @@ def test_built_kernel_has_multiboot_header(monkeypatch: pytest.MonkeyPatch) -> N
             assert not flags & 0x10000, "ELF kernel: no a.out kludge expected"
             return
     pytest.fail("no multiboot header in the first 8 KiB")
+
+
+needs_toolchain = pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("gcc") is None, reason="needs make and gcc"
+)
+
+
+@needs_toolchain
+def test_build_guest_into_dir_is_idempotent(tmp_path: Path) -> None:
+    out = tmp_path / "guest"
+    kernel = testguest.build_guest(out=out)
+    assert kernel == out / "dirtier.elf"
+    assert kernel.read_bytes()[:4] == b"\x7fELF"
+    mtime = kernel.stat().st_mtime_ns
+    assert testguest.build_guest(out=out) == kernel
+    assert kernel.stat().st_mtime_ns == mtime, "second make rebuilt the kernel"
+
+
+@needs_toolchain
+def test_build_guest_failure_is_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="building the test guest failed"):
+        testguest.build_guest(out=blocker / "sub")
 
 
 # ---- boot_command ----
