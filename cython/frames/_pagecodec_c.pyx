@@ -246,7 +246,7 @@ def encode_pages(
     packed=False,
     stats=None,
 ):
-    """Encode pages ``indices`` (strictly increasing) into PAGES records.
+    """Encode pages ``indices`` (uint64 buffer, strictly increasing) into PAGES records.
 
     ``src`` holds the new contents: the whole RAM (page ``i`` at ``i * page_size``) or, when
     ``packed``, the batch's pages back to back. ``cache_data``/``cache_tags`` (both or neither)

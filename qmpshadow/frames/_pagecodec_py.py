@@ -29,7 +29,6 @@ encoded page is stored into its slot, evicting whatever was there.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any, Final
 
 from qmpshadow.errors import ConfigError, FrameFormatError
@@ -118,7 +117,7 @@ def _check_u64_buffer(buf: Any, what: str) -> memoryview:
 
 
 def encode_pages(
-    indices: Sequence[int] | Any,
+    indices: Any,
     src: Any,
     page_size: int,
     cache_data: Any = None,
@@ -126,7 +125,7 @@ def encode_pages(
     packed: bool = False,
     stats: Any = None,
 ) -> bytes:
-    """Encode pages ``indices`` (strictly increasing) into PAGES records.
+    """Encode pages ``indices`` (uint64 buffer, strictly increasing) into PAGES records.
 
     ``src`` holds the new contents: the whole RAM (page ``i`` at ``i * page_size``) or, when
     ``packed``, the batch's pages back to back. ``cache_data``/``cache_tags`` (both or neither)
@@ -137,7 +136,7 @@ def encode_pages(
     check_page_size(page_size)
     ps = page_size
     srcv = memoryview(src).cast("B")
-    idx_list = [int(i) for i in indices]
+    idx_list = _check_u64_buffer(indices, "indices").tolist()
     _validate_indices(idx_list, len(srcv), ps, packed)
     tags: memoryview | None = None
     cdata: memoryview | None = None
@@ -200,8 +199,6 @@ def encode_pages(
 def _validate_indices(indices: list[int], src_len: int, ps: int, packed: bool) -> None:
     prev = -1
     for idx in indices:
-        if idx < 0:
-            raise ConfigError(f"page index {idx} is negative")
         if idx <= prev:
             raise ConfigError(f"page indices must be strictly increasing: {idx} after {prev}")
         prev = idx
