@@ -351,12 +351,13 @@ async def test_boot_under_kvm(kernel: Path, workdir: Path) -> None:
     if reason:
         pytest.skip(reason)
     serial = workdir / "serial.log"
-    # This host's /dev/kvm is a slow nested software implementation: few loops per second.
+    # This host's /dev/kvm is a slow nested software implementation: SeaBIOS alone takes
+    # 8-10 s, then a few tens of loops per second.
     append = kernel_args(pages=4, region_mib=1, delay_us=0, pattern="text", print_ms=20)
     cmd = boot_command(kernel=kernel, serial_log=serial, append=append, accel="kvm")
     async with run_qemu(cmd, serial, "qemu") as guest:
         try:
-            first = await wait_counter(guest, timeout=20)
+            first = await wait_counter(guest, timeout=40)  # firmware alone takes 8-10 s here
         except BaseException:
             err = guest.stderr.read_text(errors="replace") if guest.stderr.exists() else ""
             if guest.proc.returncode is not None and "kvm" in err.lower():
