@@ -788,14 +788,16 @@ class FrameDecoder:
         return None if self._header is None else self._header.length
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes; ``b""`` means the peer closed. Raises FrameError if fed after EOF."""
-        if self._eof:
-            raise FrameError("receive_data() called after EOF was signalled")
-        if self._error is not None:
-            return  # next_event() reports the failure; bytes after it mean nothing
+        """Feed bytes; ``b""`` means the peer closed (repeatable). Raises FrameError for
+        bytes after EOF.
+        """
         if not data:
             self._eof = True
             return
+        if self._eof:
+            raise FrameError("receive_data() called with bytes after EOF was signalled")
+        if self._error is not None:
+            return  # next_event() reports the failure; bytes after it mean nothing
         self._buf += data
 
     def next_event(self) -> Frame | Literal[DecoderState.NEED_DATA, DecoderState.CLOSED]:
