@@ -104,6 +104,7 @@ cdef extern from "Python.h":
 PAGE_SIZE_MIN = 512
 PAGE_SIZE_MAX = 1 << 20
 EMPTY_TAG = 0xFFFFFFFFFFFFFFFF
+ENCODE_SLACK = 16
 ZERO = 0
 FULL = 1
 DELTA = 2
@@ -112,19 +113,22 @@ cdef enum:
     K_ZERO = 0
     K_FULL = 1
     K_DELTA = 2
-    # Output room per page beyond page_size: a tag takes <= 10 bytes and a DELTA attempt
-    # writes at most tag + 3 + (page_size - 2) bytes before it is kept or abandoned.
-    REC_OVERHEAD = 16
+    # Output room per page beyond page_size (ENCODE_SLACK): a tag takes <= 10 bytes and a
+    # DELTA attempt writes at most tag + 3 + (page_size - 2) bytes before it is kept or
+    # abandoned.
+    C_ENCODE_SLACK = 16
 
 __all__ = [
     "DELTA",
     "EMPTY_TAG",
+    "ENCODE_SLACK",
     "FULL",
     "PAGE_SIZE_MAX",
     "PAGE_SIZE_MIN",
     "ZERO",
     "apply_pages",
     "encode_pages",
+    "encode_pages_into",
 ]
 
 
@@ -143,11 +147,14 @@ cdef int _check_page_size(object page_size) except -1:
 
 
 cdef inline Py_ssize_t _delta_body(
-    const uint8_t *old, const uint8_t *new, size_t ps, uint8_t *out
+    uint8_t *slot, const uint8_t *new, size_t ps, uint8_t *out
 ) noexcept nogil:
-    """Write the DELTA ops at ``out``; their length, or -1 once DELTA cannot beat FULL.
+    """Write the DELTA ops turning ``slot`` into ``new`` at ``out``; their length, or -1 once
+    DELTA cannot beat FULL (never writes more than ps - 2 bytes: that already loses).
 
-    Never writes more than ps - 2 bytes: a body that long already loses to FULL.
+    Each literal is also copied from ``out`` into ``slot``, so the cache ends up holding
+    exactly the bytes sent even if ``new`` changes meanwhile (on -1 the caller overwrites the
+    whole slot). Literals lie in words already compared, so the scan ahead is unaffected.
     """
     cdef size_t nw = ps >> 3
     cdef size_t w = 0, w2, start, end, lit, need
@@ -155,13 +162,13 @@ cdef inline Py_ssize_t _delta_body(
     cdef size_t budget = ps - 2
     cdef uint64_t x
     while True:
-        w = qs_next_diff(old, new, w, nw)
+        w = qs_next_diff(slot, new, w, nw)
         if w == nw:
             return <Py_ssize_t>o
-        x = qs_le64(old + 8 * w) ^ qs_le64(new + 8 * w)
+        x = qs_le64(slot + 8 * w) ^ qs_le64(new + 8 * w)
         start = 8 * w + (<size_t>qs_ctz64(x) >> 3)
-        w2 = qs_next_same(old, new, w + 1, nw)
-        x = qs_le64(old + 8 * (w2 - 1)) ^ qs_le64(new + 8 * (w2 - 1))
+        w2 = qs_next_same(slot, new, w + 1, nw)
+        x = qs_le64(slot + 8 * (w2 - 1)) ^ qs_le64(new + 8 * (w2 - 1))
         end = 8 * (w2 - 1) + ((63 - <size_t>qs_clz64(x)) >> 3) + 1
         lit = end - start
         need = qs_varint_len(start - prev_end) + qs_varint_len(lit) + lit
@@ -170,28 +177,105 @@ cdef inline Py_ssize_t _delta_body(
         o += qs_put_varint(out + o, start - prev_end)
         o += qs_put_varint(out + o, lit)
         memcpy(out + o, new + start, lit)
+        memcpy(slot + start, out + o, lit)
         o += lit
         prev_end = end
         w = w2
 
 
+cdef class _EncodeJob:
+    """Validated arguments of one encode call (all checks happen before any byte moves)."""
+
+    cdef const uint64_t[::1] idx
+    cdef const uint8_t[::1] srcv
+    cdef uint8_t[::1] cdv
+    cdef uint64_t[::1] tagv
+    cdef uint64_t[::1] stv
+    cdef size_t ps, n, nslots
+    cdef bint packed, has_cache, has_stats
+
+    def __init__(self, indices, src, page_size, cache_data, cache_tags, packed, stats):
+        _check_page_size(page_size)
+        self.ps = page_size
+        self.idx = _u64_view(indices, "indices", False)
+        self.srcv = _byte_view(src, "src", False)
+        self.n = self.idx.shape[0]
+        self.packed = bool(packed)
+        cdef size_t k, ps = self.ps, n = self.n
+        for k in range(1, n):
+            if self.idx[k] <= self.idx[k - 1]:
+                raise ConfigError(
+                    f"page indices must be strictly increasing: {self.idx[k]} after "
+                    f"{self.idx[k - 1]}"
+                )
+        if self.packed:
+            if n * ps > <size_t>self.srcv.shape[0]:
+                raise ConfigError(
+                    f"packed src holds {self.srcv.shape[0] // ps} pages, the batch has {n}"
+                )
+        elif n and self.idx[n - 1] >= <uint64_t>(self.srcv.shape[0] // ps):
+            raise ConfigError(
+                f"page index {self.idx[n - 1]} is outside src "
+                f"({self.srcv.shape[0] // ps} pages of {ps} bytes)"
+            )
+        if (cache_data is None) != (cache_tags is None):
+            raise ConfigError("cache_data and cache_tags go together: pass both or neither")
+        self.has_cache = cache_tags is not None
+        if self.has_cache:
+            self.tagv = _u64_view(cache_tags, "cache_tags", True)
+            self.cdv = _byte_view(cache_data, "cache_data", True)
+            self.nslots = self.tagv.shape[0]
+            if self.nslots == 0 or <size_t>self.cdv.shape[0] != self.nslots * ps:
+                raise ConfigError(
+                    f"cache_data must hold len(cache_tags) * page_size = {self.nslots * ps} "
+                    f"bytes, holds {self.cdv.shape[0]}"
+                )
+        self.has_stats = stats is not None
+        if self.has_stats:
+            self.stv = _u64_view(stats, "stats", True)
+            if self.stv.shape[0] < 3:
+                raise ConfigError("stats must be a writable uint64 buffer of at least 3")
+
+    cdef size_t bound(self):
+        return self.n * (self.ps + C_ENCODE_SLACK)
+
+    cdef size_t run(self, uint8_t *out):
+        """Encode into ``out`` (at least bound() bytes); returns the length written."""
+        cdef uint64_t counts[3]
+        counts[0] = counts[1] = counts[2] = 0
+        cdef const uint8_t *src = &self.srcv[0] if self.srcv.shape[0] else NULL
+        cdef uint8_t *cdata = &self.cdv[0] if self.has_cache else NULL
+        cdef uint64_t *tags = &self.tagv[0] if self.has_cache else NULL
+        cdef const uint64_t *idx = &self.idx[0] if self.n else NULL
+        cdef size_t n = self.n, ps = self.ps, nslots = self.nslots
+        cdef bint packed = self.packed
+        cdef size_t length = 0
+        cdef int k
+        if n:
+            with nogil:
+                length = _encode_loop(idx, n, src, ps, packed, cdata, tags, nslots, out, counts)
+        if self.has_stats:
+            for k in range(3):
+                self.stv[k] += counts[k]
+        return length
+
+
 cdef size_t _encode_loop(
-    const uint64_t[::1] idx,
+    const uint64_t *idx,
+    size_t n,
     const uint8_t *src,
     size_t ps,
     bint packed,
     uint8_t *cdata,
     uint64_t *tags,
     size_t nslots,
-    uint8_t *scratch,
     uint8_t *out,
     uint64_t *counts,
 ) noexcept nogil:
-    cdef size_t n = idx.shape[0]
-    cdef size_t k, o = 0, slot = 0, hl, lv
+    cdef size_t k, o = 0, hl, lv
     cdef uint64_t i, prev = <uint64_t>-1, tag
     cdef const uint8_t *page
-    cdef uint8_t *slotp
+    cdef uint8_t *slotp = NULL
     cdef bint has_old
     cdef Py_ssize_t body
     for k in range(n):
@@ -201,26 +285,20 @@ cdef size_t _encode_loop(
         prev = i
         has_old = False
         if cdata != NULL:
-            slot = i % nslots
-            slotp = cdata + slot * ps
-            if tags[slot] == i:
-                # The old version moves to scratch, the new one is snapshotted into the slot
-                # and everything below reads the snapshot: a source page changing under us
-                # cannot make the cache disagree with what was sent.
-                memcpy(scratch, slotp, ps)
-                has_old = True
-            memcpy(slotp, page, ps)
-            tags[slot] = i
-            page = slotp
+            slotp = cdata + (i % nslots) * ps
+            has_old = tags[i % nslots] == i
+            tags[i % nslots] = i
         if qs_is_zero(page, ps):
             o += qs_put_varint(out + o, tag | K_ZERO)
+            if slotp != NULL:
+                memset(slotp, 0, ps)
             counts[K_ZERO] += 1
             continue
         if has_old:
             hl = qs_put_varint(out + o, tag | K_DELTA)
             # Body goes 3 bytes further (the widest length varint for ps <= 1 MiB), then
             # slides back once its length is known.
-            body = _delta_body(scratch, page, ps, out + o + hl + 3)
+            body = _delta_body(slotp, page, ps, out + o + hl + 3)
             if body >= 0:
                 lv = qs_varint_len(<uint64_t>body)
                 if lv + <size_t>body < ps:
@@ -232,6 +310,9 @@ cdef size_t _encode_loop(
                     continue
         o += qs_put_varint(out + o, tag | K_FULL)
         memcpy(out + o, page, ps)
+        if slotp != NULL:
+            # From the output, not the source: the cache must hold what was sent.
+            memcpy(slotp, out + o, ps)
         o += ps
         counts[K_FULL] += 1
     return o
@@ -254,73 +335,48 @@ def encode_pages(
     buffer of 3, is incremented by the ZERO, FULL and DELTA counts. Raises ConfigError on bad
     arguments (nothing is encoded or cached then).
     """
-    _check_page_size(page_size)
-    cdef size_t ps = page_size
-    cdef const uint64_t[::1] idx = _u64_view(indices, "indices", False)
-    cdef const uint8_t[::1] srcv = _byte_view(src, "src", False)
-    cdef size_t n = idx.shape[0]
-    cdef size_t k
-    cdef bint is_packed = bool(packed)
-    for k in range(n):
-        if k and idx[k] <= idx[k - 1]:
-            raise ConfigError(
-                f"page indices must be strictly increasing: {idx[k]} after {idx[k - 1]}"
-            )
-    if is_packed:
-        if n * ps > <size_t>srcv.shape[0]:
-            raise ConfigError(
-                f"packed src holds {srcv.shape[0] // ps} pages, the batch has {n}"
-            )
-    elif n and idx[n - 1] >= <uint64_t>(srcv.shape[0] // ps):
-        raise ConfigError(
-            f"page index {idx[n - 1]} is outside src ({srcv.shape[0] // ps} pages of {ps} bytes)"
-        )
-    cdef uint8_t[::1] cdv
-    cdef uint64_t[::1] tagv
-    cdef uint8_t *cdata = NULL
-    cdef uint64_t *tags = NULL
-    cdef size_t nslots = 0
-    if (cache_data is None) != (cache_tags is None):
-        raise ConfigError("cache_data and cache_tags go together: pass both or neither")
-    if cache_tags is not None:
-        tagv = _u64_view(cache_tags, "cache_tags", True)
-        cdv = _byte_view(cache_data, "cache_data", True)
-        nslots = tagv.shape[0]
-        if nslots == 0 or <size_t>cdv.shape[0] != nslots * ps:
-            raise ConfigError(
-                f"cache_data must hold len(cache_tags) * page_size = {nslots * ps} bytes, "
-                f"holds {cdv.shape[0]}"
-            )
-        cdata = &cdv[0]
-        tags = &tagv[0]
-    cdef uint64_t[::1] stv
-    if stats is not None:
-        stv = _u64_view(stats, "stats", True)
-        if stv.shape[0] < 3:
-            raise ConfigError("stats must be a writable uint64 buffer of at least 3")
-    cdef uint64_t counts[3]
-    counts[0] = counts[1] = counts[2] = 0
-    cdef uint8_t *scratch = NULL
-    cdef bytearray scratch_buf
-    if cdata != NULL:
-        scratch_buf = bytearray(ps)
-        scratch = <uint8_t *><char *>scratch_buf
-    cdef PyObject *raw = qs_bytes_new(NULL, <Py_ssize_t>(n * (ps + REC_OVERHEAD)))
-    cdef uint8_t *out = <uint8_t *>qs_bytes_data(raw)
-    cdef const uint8_t *srcp = &srcv[0] if srcv.shape[0] else NULL
-    cdef size_t length = 0
-    if n:
-        with nogil:
-            length = _encode_loop(
-                idx, srcp, ps, is_packed, cdata, tags, nslots, scratch, out, counts
-            )
+    cdef _EncodeJob job = _EncodeJob(
+        indices, src, page_size, cache_data, cache_tags, packed, stats
+    )
+    cdef PyObject *raw = qs_bytes_new(NULL, <Py_ssize_t>job.bound())
+    cdef size_t length = job.run(<uint8_t *>qs_bytes_data(raw))
     qs_bytes_resize(&raw, <Py_ssize_t>length)  # on failure raw is freed and NULL
     result = <object>raw
     Py_DECREF(result)  # <object> took a second reference; result now owns the only one
-    if stats is not None:
-        for k in range(3):
-            stv[k] += counts[k]
     return result
+
+
+def encode_pages_into(
+    out,
+    indices,
+    src,
+    page_size,
+    cache_data=None,
+    cache_tags=None,
+    packed=False,
+    stats=None,
+):
+    """:func:`encode_pages` writing into the writable buffer ``out``; returns the length.
+
+    ``out`` must hold ``len(indices) * (page_size + ENCODE_SLACK)`` bytes (ConfigError
+    otherwise, before anything is encoded). Reusing one buffer avoids faulting in fresh
+    memory for every batch, which costs more than encoding incompressible pages.
+    """
+    cdef _EncodeJob job = _EncodeJob(
+        indices, src, page_size, cache_data, cache_tags, packed, stats
+    )
+    mv = memoryview(out)
+    if mv.readonly:
+        raise ConfigError("out must be writable")
+    cdef uint8_t[::1] outv = mv.cast("B")
+    if <size_t>outv.shape[0] < job.bound():
+        raise ConfigError(
+            f"out holds {outv.shape[0]} bytes, a batch of {job.n} pages needs "
+            f"{job.bound()} (len(indices) * (page_size + {ENCODE_SLACK}))"
+        )
+    if job.n == 0:
+        return 0
+    return job.run(&outv[0])
 
 
 cdef object _u64_view(object buf, str what, bint writable):

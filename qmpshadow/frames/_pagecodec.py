@@ -16,17 +16,31 @@ if TYPE_CHECKING:
     from qmpshadow.frames._pagecodec_py import (
         DELTA,
         EMPTY_TAG,
+        ENCODE_SLACK,
         FULL,
         ZERO,
         apply_pages,
         encode_pages,
+        encode_pages_into,
     )
 else:
     encode_pages = _mod.encode_pages
+    encode_pages_into = _mod.encode_pages_into
+    ENCODE_SLACK = _mod.ENCODE_SLACK
     apply_pages = _mod.apply_pages
     ZERO = _mod.ZERO
     FULL = _mod.FULL
     DELTA = _mod.DELTA
     EMPTY_TAG = _mod.EMPTY_TAG
 
-__all__ = ["DELTA", "EMPTY_TAG", "FULL", "IMPLEMENTATION", "ZERO", "apply_pages", "encode_pages"]
+__all__ = [
+    "DELTA",
+    "EMPTY_TAG",
+    "ENCODE_SLACK",
+    "FULL",
+    "IMPLEMENTATION",
+    "ZERO",
+    "apply_pages",
+    "encode_pages",
+    "encode_pages_into",
+]

@@ -32,17 +32,25 @@ import re
 from typing import Any, Final
 
 from qmpshadow.errors import ConfigError, FrameFormatError
-from qmpshadow.frames.limits import EMPTY_TAG, PAGE_SIZE_MAX, PAGE_SIZE_MIN, check_page_size
+from qmpshadow.frames.limits import (
+    EMPTY_TAG,
+    ENCODE_SLACK,
+    PAGE_SIZE_MAX,
+    PAGE_SIZE_MIN,
+    check_page_size,
+)
 
 __all__ = [
     "DELTA",
     "EMPTY_TAG",
+    "ENCODE_SLACK",
     "FULL",
     "PAGE_SIZE_MAX",
     "PAGE_SIZE_MIN",
     "ZERO",
     "apply_pages",
     "encode_pages",
+    "encode_pages_into",
 ]
 
 ZERO: Final = 0
@@ -194,6 +202,39 @@ def encode_pages(
         for kind in (ZERO, FULL, DELTA):
             st[kind] = (st[kind] + counts[kind]) & _U64_MAX
     return bytes(out)
+
+
+def encode_pages_into(
+    out: Any,
+    indices: Any,
+    src: Any,
+    page_size: int,
+    cache_data: Any = None,
+    cache_tags: Any = None,
+    packed: bool = False,
+    stats: Any = None,
+) -> int:
+    """:func:`encode_pages` writing into the writable buffer ``out``; returns the length.
+
+    ``out`` must hold ``len(indices) * (page_size + ENCODE_SLACK)`` bytes (ConfigError
+    otherwise, before anything is encoded). Reusing one buffer avoids faulting in fresh
+    memory for every batch, which costs more than encoding incompressible pages.
+    """
+    check_page_size(page_size)
+    n = len(_check_u64_buffer(indices, "indices"))
+    dst = memoryview(out)
+    if dst.readonly:
+        raise ConfigError("out must be writable")
+    dst = dst.cast("B")
+    need = n * (page_size + ENCODE_SLACK)
+    if len(dst) < need:
+        raise ConfigError(
+            f"out holds {len(dst)} bytes, a batch of {n} pages needs {need} "
+            f"(len(indices) * (page_size + {ENCODE_SLACK}))"
+        )
+    records = encode_pages(indices, src, page_size, cache_data, cache_tags, packed, stats)
+    dst[: len(records)] = records
+    return len(records)
 
 
 def _validate_indices(indices: list[int], src_len: int, ps: int, packed: bool) -> None:

@@ -12,13 +12,15 @@ from typing import Any, Final
 
 from qmpshadow.errors import ConfigError
 from qmpshadow.frames import _pagecodec
-from qmpshadow.frames.limits import EMPTY_TAG, check_page_size
+from qmpshadow.frames.limits import EMPTY_TAG, ENCODE_SLACK, check_page_size
 
 __all__ = [
     "IMPLEMENTATION",
     "PageCache",
     "apply_pages",
     "encode_pages",
+    "encode_pages_into",
+    "encoded_size_bound",
     "max_pages_per_frame",
 ]
 
@@ -101,6 +103,38 @@ def encode_pages(
     return _pagecodec.encode_pages(
         _as_u64(indices), src, page_size, cache.data, cache.tags, packed, stats
     )
+
+
+def encode_pages_into(
+    out: Any,
+    indices: Any,
+    src: Any,
+    page_size: int,
+    cache: PageCache | None = None,
+    *,
+    packed: bool = False,
+    stats: Any = None,
+) -> int:
+    """:func:`encode_pages` into a reusable writable buffer; returns the bytes written.
+
+    ``out`` must hold :func:`encoded_size_bound` bytes for the batch (ConfigError otherwise).
+    Reusing it per batch saves faulting in fresh memory each time, which otherwise dominates
+    for incompressible pages; send ``memoryview(out)[:n]`` before reusing ``out``.
+    """
+    if cache is None:
+        return _pagecodec.encode_pages_into(
+            out, _as_u64(indices), src, page_size, None, None, packed, stats
+        )
+    if cache.page_size != page_size:
+        raise ConfigError(f"cache holds {cache.page_size}-byte pages, not {page_size}")
+    return _pagecodec.encode_pages_into(
+        out, _as_u64(indices), src, page_size, cache.data, cache.tags, packed, stats
+    )
+
+
+def encoded_size_bound(npages: int, page_size: int) -> int:
+    """Bytes :func:`encode_pages_into` needs in ``out`` for a batch of ``npages``."""
+    return npages * (page_size + ENCODE_SLACK)
 
 
 def apply_pages(records: Any, dst: Any, page_size: int, count: int = -1) -> int:

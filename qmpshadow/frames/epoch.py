@@ -23,6 +23,7 @@ from qmpshadow.errors import ConfigError, FrameError
 from qmpshadow.frames.limits import DEFAULT_MAX_PAYLOAD
 from qmpshadow.frames.wire import (
     BlockFlags,
+    Buffer,
     DeviceState,
     DeviceStateFormat,
     EpochBegin,
@@ -78,7 +79,7 @@ class EpochWriter:
         self.digest = DIGEST_INIT
         self.wire_bytes = 0
 
-    def _emit(self, frame: Frame, compress: bool) -> list[bytes]:
+    def _emit(self, frame: Frame, compress: bool) -> list[Buffer]:
         parts = encode_frame_parts(
             frame,
             compress_level=self._compress if compress else None,
@@ -102,7 +103,7 @@ class EpochWriter:
             raise ConfigError(f"block {b.idstr!r} has flags {b.flags!r}: not sent as {kind}")
         return b
 
-    def begin(self) -> list[bytes]:
+    def begin(self) -> list[Buffer]:
         """EPOCH_BEGIN with the block table."""
         self._need("new", "begin()")
         parts = self._emit(
@@ -111,7 +112,7 @@ class EpochWriter:
         self._state = "open"
         return parts
 
-    def pages(self, block: int, count: int, records: bytes) -> list[bytes]:
+    def pages(self, block: int, count: int, records: Buffer) -> list[Buffer]:
         """A PAGES frame of ``count`` records (from the page codec) for ``block``."""
         self._need("open", "pages()")
         self._block(block, small=False)
@@ -128,7 +129,7 @@ class EpochWriter:
         self.pages_sent += count
         return parts
 
-    def small_block(self, block: int, offset: int, data: bytes) -> list[bytes]:
+    def small_block(self, block: int, offset: int, data: Buffer) -> list[Buffer]:
         """Bytes of small RAM block ``block`` at ``offset``."""
         self._need("open", "small_block()")
         b = self._block(block, small=True)
@@ -145,7 +146,7 @@ class EpochWriter:
         self.blob_bytes += len(data)
         return parts
 
-    def device_state(self, fmt: DeviceStateFormat, data: bytes) -> list[bytes]:
+    def device_state(self, fmt: DeviceStateFormat, data: Buffer) -> list[Buffer]:
         """The device-state blob."""
         self._need("open", "device_state()")
         parts = self._emit(
@@ -154,7 +155,7 @@ class EpochWriter:
         self.blob_bytes += len(data)
         return parts
 
-    def end(self) -> list[bytes]:
+    def end(self) -> list[Buffer]:
         """EPOCH_END with the counts and digest of everything emitted since begin()."""
         self._need("open", "end()")
         frame = EpochEnd(

@@ -22,6 +22,10 @@ DEFAULT_MAX_PAYLOAD: Final = 256 << 20
 #: The payload length is a u32 on the wire.
 PAYLOAD_LIMIT: Final = 0xFFFF_FFFF
 
+#: Output room the encoder needs per page beyond the page itself (records are at most
+#: page_size + 10 bytes; the compiled encoder drafts a DELTA in place before choosing).
+ENCODE_SLACK: Final = 16
+
 #: Cache tag of an empty slot of the sender's previous-version cache.
 EMPTY_TAG: Final = 0xFFFF_FFFF_FFFF_FFFF
 

@@ -30,7 +30,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 import xxhash
 import zstandard
@@ -58,6 +58,7 @@ __all__ = [
     "VERSION",
     "Ack",
     "BlockFlags",
+    "Buffer",
     "DecoderState",
     "DeviceState",
     "DeviceStateFormat",
@@ -80,6 +81,9 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
 ]
+
+#: Bulk data the encoder accepts without copying (the decoder always yields bytes).
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 MAGIC: Final = b"QSDF"
 VERSION: Final = 1
@@ -227,7 +231,7 @@ class Pages(Frame):
 
     block: int
     count: int
-    records: bytes
+    records: Buffer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,7 +242,7 @@ class SmallBlock(Frame):
 
     block: int
     offset: int
-    data: bytes
+    data: Buffer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,7 +252,7 @@ class DeviceState(Frame):
     TYPE: ClassVar[FrameType] = FrameType.DEVICE_STATE
 
     format: DeviceStateFormat
-    data: bytes
+    data: Buffer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -331,7 +335,7 @@ def _utf8(text: str, limit: int, what: str) -> bytes:
     return raw
 
 
-def _payload_hello(f: Hello) -> list[bytes]:
+def _payload_hello(f: Hello) -> list[Buffer]:
     if len(f.session_id) != SESSION_ID_SIZE:
         raise ConfigError(f"session_id must be {SESSION_ID_SIZE} bytes, got {len(f.session_id)}")
     name = _utf8(f.name, MAX_NAME, "HELLO name")
@@ -341,10 +345,10 @@ def _payload_hello(f: Hello) -> list[bytes]:
     ]
 
 
-def _payload_epoch_begin(f: EpochBegin) -> list[bytes]:
+def _payload_epoch_begin(f: EpochBegin) -> list[Buffer]:
     if len(f.blocks) > MAX_BLOCKS:
         raise ConfigError(f"{len(f.blocks)} RAM blocks, at most {MAX_BLOCKS} allowed")
-    parts = [_U32.pack(len(f.blocks))]
+    parts: list[Buffer] = [_U32.pack(len(f.blocks))]
     for b in f.blocks:
         idstr = _utf8(b.idstr, MAX_IDSTR, "RAM block idstr")
         if not idstr:
@@ -354,36 +358,36 @@ def _payload_epoch_begin(f: EpochBegin) -> list[bytes]:
     return parts
 
 
-def _payload_pages(f: Pages) -> list[bytes]:
+def _payload_pages(f: Pages) -> list[Buffer]:
     return [_PAGES.pack(f.block, f.count), f.records]
 
 
-def _payload_small(f: SmallBlock) -> list[bytes]:
+def _payload_small(f: SmallBlock) -> list[Buffer]:
     return [_SMALL.pack(f.block, 0, f.offset), f.data]
 
 
-def _payload_devstate(f: DeviceState) -> list[bytes]:
+def _payload_devstate(f: DeviceState) -> list[Buffer]:
     return [_DEVSTATE.pack(f.format, 0), f.data]
 
 
-def _payload_epoch_end(f: EpochEnd) -> list[bytes]:
+def _payload_epoch_end(f: EpochEnd) -> list[Buffer]:
     return [_EPOCH_END.pack(f.frames, 0, f.pages, f.blob_bytes, f.digest)]
 
 
-def _payload_ack(f: Ack) -> list[bytes]:
+def _payload_ack(f: Ack) -> list[Buffer]:
     return [_U64.pack(f.digest)]
 
 
-def _payload_resync(f: ResyncRequest) -> list[bytes]:
+def _payload_resync(f: ResyncRequest) -> list[Buffer]:
     msg = _utf8(f.message, MAX_MESSAGE, "RESYNC_REQUEST message")
     return [_RESYNC.pack(f.reason, len(msg), 0), msg]
 
 
-def _payload_heartbeat(f: Heartbeat) -> list[bytes]:
+def _payload_heartbeat(f: Heartbeat) -> list[Buffer]:
     return [_HEARTBEAT.pack(f.seq, f.timestamp_ns)]
 
 
-def _payload_parts(frame: Frame) -> list[bytes]:
+def _payload_parts(frame: Frame) -> list[Buffer]:
     # isinstance dispatch keeps mypy aware of each subclass's fields.
     if isinstance(frame, Pages):
         return _payload_pages(frame)
@@ -411,7 +415,7 @@ def encode_frame_parts(
     *,
     compress_level: int | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
-) -> list[bytes]:
+) -> list[Buffer]:
     """Encode ``frame`` as a list of buffers (header first) for ``writelines``.
 
     Large payload parts (page records, blobs) are passed through without copying.

@@ -143,6 +143,19 @@ def test_header_layout() -> None:
     assert len(data) == HEADER_SIZE + 8
 
 
+def test_memoryview_payloads_encode_like_bytes() -> None:
+    buf = bytearray(b"\x01" + bytes(4096) + b"tail")
+    view = memoryview(buf)[:4097]
+    a = encode_frame(Pages(generation=G, epoch=E, block=0, count=1, records=view))
+    b = encode_frame(Pages(generation=G, epoch=E, block=0, count=1, records=bytes(view)))
+    assert a == b
+    assert encode_frame(
+        Pages(generation=G, epoch=E, block=0, count=1, records=view), compress_level=1
+    ) == encode_frame(
+        Pages(generation=G, epoch=E, block=0, count=1, records=bytes(view)), compress_level=1
+    )
+
+
 def test_parts_avoid_copying_bulk_data() -> None:
     records = b"\x01" + bytes(4096)
     parts = encode_frame_parts(Pages(generation=G, epoch=E, block=0, count=1, records=records))

@@ -54,6 +54,7 @@ def test_selector_reports_the_live_twin() -> None:
 def test_twins_share_constants(twin: ModuleType) -> None:
     assert (twin.PAGE_SIZE_MIN, twin.PAGE_SIZE_MAX) == (limits.PAGE_SIZE_MIN, limits.PAGE_SIZE_MAX)
     assert (twin.ZERO, twin.FULL, twin.DELTA, twin.EMPTY_TAG) == (0, 1, 2, EMPTY)
+    assert twin.ENCODE_SLACK == limits.ENCODE_SLACK
 
 
 def _cache(nslots: int, ps: int = PS) -> tuple[bytearray, array[int]]:
@@ -168,6 +169,33 @@ def test_packed_source(twin: ModuleType) -> None:
     assert twin.apply_pages(rec, dst, PS, 2) == 2
     assert dst[10 * PS : 11 * PS] == b"\x01" * PS
     assert dst[20 * PS : 21 * PS] == bytes(PS)
+
+
+def test_encode_into_reused_buffer_matches_encode(twin: ModuleType) -> None:
+    rng = random.Random(4)
+    old = bytearray(rng.randbytes(8 * PS))
+    new = bytearray(old)
+    new[100:110] = bytes(10)
+    new[3 * PS : 4 * PS] = bytes(PS)
+    out = bytearray(codec.encoded_size_bound(8, PS))
+    c1, c2 = _cache(4), _cache(4)
+    idx = array("Q", range(8))
+    for src in (old, new):
+        want = twin.encode_pages(idx, src, PS, c1[0], c1[1], False, None)
+        n = twin.encode_pages_into(out, idx, src, PS, c2[0], c2[1], False, None)
+        assert out[:n] == want
+    assert c1 == c2
+    assert twin.encode_pages_into(bytearray(), array("Q"), b"", PS) == 0
+
+
+def test_encode_into_checks_capacity_first(twin: ModuleType) -> None:
+    cache = _cache(2)
+    small = bytearray(2 * (PS + limits.ENCODE_SLACK) - 1)
+    with pytest.raises(ConfigError, match="needs 1056"):
+        twin.encode_pages_into(small, array("Q", [0, 1]), b"\x01" * (2 * PS), PS, *cache)
+    assert set(cache[1]) == {EMPTY}, "a refused call must not touch the cache"
+    with pytest.raises(ConfigError, match="writable"):
+        twin.encode_pages_into(bytes(4 * PS), array("Q", [0]), bytes(PS), PS)
 
 
 def test_encode_from_readonly_mmap_apply_into_mmap(twin: ModuleType) -> None:
