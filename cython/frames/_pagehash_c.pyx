@@ -17,9 +17,96 @@ from qmpshadow.errors import ConfigError
 
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* On x86-64 with GCC/Clang, xxhash.h's AVX2 kernels are compiled alongside the default
+       SSE2 ones (target attribute) and picked at run time: AVX2 hashes a page about twice as
+       fast, which is what lets the scan keep up with memory. The AVX2 accumulator uses
+       aligned stores, hence the 64-byte accumulator/secret alignment. */
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    #  define QS_X86 1
+    #  include <immintrin.h>
+    #  define XXH_DISPATCH_AVX2 1
+    #  define XXH_TARGET_AVX2 __attribute__((__target__("avx2")))
+    #  define XXH_ACC_ALIGN 64
+    #endif
     #define XXH_INLINE_ALL
     #include <xxhash.h>
-    #include <string.h>
+
+    /* Pages are longer than XXH3's 240-byte mid-size limit, so a page's hash is XXH3's
+       long-input kernel over the secret derived from the seed: deriving it once per call
+       instead of once per page gives the same values as XXH3_64bits_withSeed. This reaches
+       into xxhash.h 0.8.x internals; other versions use the public call. */
+    #if XXH_VERSION_MAJOR == 0 && XXH_VERSION_MINOR == 8
+    #  define QS_SECRET_KERNEL 1
+    #endif
+
+    typedef struct {
+        XXH_ALIGN(64) unsigned char secret[XXH_SECRET_DEFAULT_SIZE];
+        uint64_t seed;
+        int avx2;
+    } qs_key;
+
+    static int qs_avx2_usable = -1;
+
+    static inline void qs_key_init(qs_key *k, uint64_t seed) {
+        k->seed = seed;
+        k->avx2 = 0;
+    #ifdef QS_SECRET_KERNEL
+        XXH3_initCustomSecret(k->secret, seed);
+    #  ifdef QS_X86
+        if (qs_avx2_usable < 0) {
+            __builtin_cpu_init();
+            qs_avx2_usable = __builtin_cpu_supports("avx2") ? 1 : 0;
+        }
+        k->avx2 = qs_avx2_usable;
+    #  endif
+    #endif
+    }
+
+    static uint64_t qs_hash_default(const unsigned char *p, size_t len, const qs_key *k) {
+    #ifdef QS_SECRET_KERNEL
+        return XXH3_hashLong_64b_internal(p, len, k->secret, sizeof(k->secret),
+                                          XXH3_accumulate_512, XXH3_scrambleAcc);
+    #else
+        return XXH3_64bits_withSeed(p, len, k->seed);
+    #endif
+    }
+
+    #if defined(QS_SECRET_KERNEL) && defined(QS_X86)
+    XXH_TARGET_AVX2 static uint64_t qs_hash_avx2(const unsigned char *p, size_t len,
+                                                 const qs_key *k) {
+        return XXH3_hashLong_64b_internal(p, len, k->secret, sizeof(k->secret),
+                                          XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2);
+    }
+    #endif
+
+    /* One page's keyed hash; len must exceed 240 bytes (pages are at least 512). */
+    static inline uint64_t qs_hash(const unsigned char *p, size_t len, const qs_key *k) {
+    #if defined(QS_SECRET_KERNEL) && defined(QS_X86)
+        if (k->avx2) return qs_hash_avx2(p, len, k);
+    #endif
+        return qs_hash_default(p, len, k);
+    }
+
+    static int qs_kernel_avx2(void) {
+        qs_key k;
+        qs_key_init(&k, 0);
+        return k.avx2;
+    }
+
+    /* Tests and the benchmark pin a kernel; AVX2 only where the CPU has it. */
+    static int qs_select_avx2(int want) {
+    #ifdef QS_X86
+        if (!want) { qs_avx2_usable = 0; return 0; }
+        __builtin_cpu_init();
+        qs_avx2_usable = __builtin_cpu_supports("avx2") ? 1 : 0;
+    #else
+        (void)want;
+    #endif
+        return qs_kernel_avx2();
+    }
 
     static inline uint64_t qs_memread(const unsigned char *p, size_t n) {
         /* Four independent accumulators keep several loads in flight. */
@@ -39,7 +126,12 @@ cdef extern from *:
         return w;
     }
     """
-    uint64_t XXH3_64bits_withSeed(const void *data, size_t length, uint64_t seed) nogil
+    ctypedef struct qs_key:
+        pass
+    void qs_key_init(qs_key *k, uint64_t seed) nogil
+    uint64_t qs_hash(const unsigned char *p, size_t length, const qs_key *k) nogil
+    int qs_kernel_avx2()
+    int qs_select_avx2(int want)
     uint64_t qs_memread(const unsigned char *p, size_t n) nogil
 
 # Keep in sync with qmpshadow/frames/limits.py (the tests compare both twins).
@@ -47,6 +139,7 @@ PAGE_SIZE_MIN = 512
 PAGE_SIZE_MAX = 1 << 20
 
 __all__ = [
+    "KERNEL",
     "PAGE_SIZE_MAX",
     "PAGE_SIZE_MIN",
     "filter_changed",
@@ -54,6 +147,14 @@ __all__ = [
     "memread",
     "scan_changed",
 ]
+
+#: Which xxh3 kernel hashes pages here: "avx2" or "default" (SSE2 on x86-64).
+KERNEL = "avx2" if qs_kernel_avx2() else "default"
+
+
+def _select_kernel(avx2):
+    """Pin the kernel (tests, benchmark); returns the one now in use. Not thread-safe."""
+    return "avx2" if qs_select_avx2(1 if avx2 else 0) else "default"
 
 cdef carray.array _U64_TEMPLATE = array.array("Q")
 
@@ -112,9 +213,11 @@ def hash_pages(buf, page_size, seed, out_table):
         return
     cdef const uint8_t *p = &mv[0]
     cdef uint64_t *t = &table[0]
+    cdef qs_key key
     with nogil:
+        qs_key_init(&key, s)
         for i in range(npages):
-            t[i] = XXH3_64bits_withSeed(p + i * ps, ps, s)
+            t[i] = qs_hash(p + i * ps, ps, &key)
 
 
 def scan_changed(buf, page_size, seed, table):
@@ -140,10 +243,12 @@ def scan_changed(buf, page_size, seed, table):
         raise MemoryError()
     cdef const uint8_t *p = &mv[0]
     cdef uint64_t *t = &tab[0]
+    cdef qs_key key
     try:
         with nogil:
+            qs_key_init(&key, s)
             for i in range(npages):
-                h = XXH3_64bits_withSeed(p + i * ps, ps, s)
+                h = qs_hash(p + i * ps, ps, &key)
                 if h != t[i]:
                     t[i] = h
                     found[m] = i
@@ -203,10 +308,12 @@ def filter_changed(indices, pages, page_size, seed, table, known):
     cdef uint64_t *ip = &idx[0]
     cdef uint64_t *t = &tab[0]
     cdef uint8_t *kp = &kn[0]
+    cdef qs_key key
     with nogil:
+        qs_key_init(&key, s)
         for k in range(n):
             i = ip[k]
-            h = XXH3_64bits_withSeed(p + k * ps, ps, s)
+            h = qs_hash(p + k * ps, ps, &key)
             if kp[i] and t[i] == h:
                 continue
             t[i] = h

@@ -19,6 +19,7 @@ from qmpshadow.errors import ConfigError
 from qmpshadow.frames.limits import PAGE_SIZE_MAX, PAGE_SIZE_MIN, check_page_size
 
 __all__ = [
+    "KERNEL",
     "PAGE_SIZE_MAX",
     "PAGE_SIZE_MIN",
     "filter_changed",
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 _U64_MAX: Final = (1 << 64) - 1
+
+#: Which xxh3 implementation hashes pages here (the compiled twin says "avx2" or "default").
+KERNEL: Final = "xxhash-package"
 
 
 def _seed(seed: int) -> int:

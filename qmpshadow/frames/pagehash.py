@@ -18,8 +18,15 @@ from qmpshadow.frames.limits import check_page_size
 _mod, IMPLEMENTATION = load_twin(__package__, "_pagehash")
 
 if TYPE_CHECKING:
-    from qmpshadow.frames._pagehash_py import filter_changed, hash_pages, memread, scan_changed
+    from qmpshadow.frames._pagehash_py import (
+        KERNEL,
+        filter_changed,
+        hash_pages,
+        memread,
+        scan_changed,
+    )
 else:
+    KERNEL = _mod.KERNEL
     hash_pages = _mod.hash_pages
     scan_changed = _mod.scan_changed
     filter_changed = _mod.filter_changed
@@ -27,6 +34,7 @@ else:
 
 __all__ = [
     "IMPLEMENTATION",
+    "KERNEL",
     "UnchangedFilter",
     "filter_changed",
     "hash_pages",

@@ -68,6 +68,27 @@ def test_hash_is_seeded_xxh3(twin: ModuleType) -> None:
     assert all(a != b for a, b in zip(table, other, strict=True))
 
 
+@pytest.mark.parametrize("ps", [512, 4096, 65536, 1 << 20])
+@pytest.mark.parametrize("seed", [0, 1, SEED, (1 << 64) - 1])
+def test_every_kernel_matches_xxhash(twin: ModuleType, ps: int, seed: int) -> None:
+    buf = random.Random(ps ^ seed).randbytes(3 * ps)
+    want = [xxhash.xxh3_64_intdigest(buf[i * ps : (i + 1) * ps], seed) for i in range(3)]
+    kernels = [None]
+    if hasattr(twin, "_select_kernel"):
+        kernels = [False, True]
+    try:
+        for avx2 in kernels:
+            if avx2 is not None:
+                twin._select_kernel(avx2)
+            table = _table(3)
+            twin.hash_pages(buf, ps, seed, table)
+            assert list(table) == want, f"kernel avx2={avx2}"
+            assert list(twin.scan_changed(buf, ps, seed, _table(3))) == [0, 1, 2]
+    finally:
+        if kernels != [None]:
+            twin._select_kernel(True)
+
+
 def test_scan_reports_changed_pages_and_updates_table(twin: ModuleType) -> None:
     buf = bytearray(random.Random(2).randbytes(16 * PS))
     table = _table(16)
