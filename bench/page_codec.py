@@ -194,14 +194,26 @@ def main() -> None:
     def read() -> None:
         c_hash.memread(scan_buf)
 
+    def scan_c_default() -> None:
+        c_hash._select_kernel(False)
+        try:
+            scan_c()
+        finally:
+            c_hash._select_kernel(c_hash.KERNEL == "avx2")
+
     size = len(scan_buf)
-    # Interleaved so that a noisy neighbour hits all three alike; best of each.
-    t_read, t_c, t_py = interleaved([read, scan_c, scan_py], args.repeat)
+    # Interleaved so that a noisy neighbour hits all of them alike; best of each.
+    t_read, t_c, t_def, t_py = interleaved([read, scan_c, scan_c_default, scan_py], args.repeat)
     read_gbps = size / t_read / 1e9
     scan_c_gbps = size / t_c / 1e9
+    scan_def_gbps = size / t_def / 1e9
     scan_py_gbps = size / t_py / 1e9
     ms_c = size / scan_c_gbps / 1e6
-    print(f"scan c  {scan_c_gbps:6.2f} GB/s ({ms_c:.1f} ms for {args.scan_mib} MiB)")
+    print(
+        f"scan c  {scan_c_gbps:6.2f} GB/s ({ms_c:.1f} ms for {args.scan_mib} MiB, "
+        f"xxh3 kernel {c_hash.KERNEL})"
+    )
+    print(f"scan c  {scan_def_gbps:6.2f} GB/s with the default (SSE2) kernel")
     print(f"scan py {scan_py_gbps:6.2f} GB/s")
     print(f"memread {read_gbps:6.2f} GB/s (anchor: plain read of the same buffer)")
     enc_c, app_c, _ = results["text_c"]
