@@ -160,16 +160,19 @@ cdef inline Py_ssize_t _delta_body(
     cdef size_t w = 0, w2, start, end, lit, need
     cdef size_t o = 0, prev_end = 0
     cdef size_t budget = ps - 2
-    cdef uint64_t x
+    cdef uint64_t x, xe
     while True:
         w = qs_next_diff(slot, new, w, nw)
         if w == nw:
             return <Py_ssize_t>o
-        x = qs_le64(slot + 8 * w) ^ qs_le64(new + 8 * w)
-        start = 8 * w + (<size_t>qs_ctz64(x) >> 3)
         w2 = qs_next_same(slot, new, w + 1, nw)
-        x = qs_le64(slot + 8 * (w2 - 1)) ^ qs_le64(new + 8 * (w2 - 1))
-        end = 8 * (w2 - 1) + ((63 - <size_t>qs_clz64(x)) >> 3) + 1
+        # A source that changes under us (a running guest) may make a word equal between the
+        # scan and these re-reads: then the whole word counts as differing, which is still a
+        # valid encoding, and ctz/clz never see 0, so always start < end.
+        x = qs_le64(slot + 8 * w) ^ qs_le64(new + 8 * w)
+        start = 8 * w + (<size_t>qs_ctz64(x) >> 3) if x else 8 * w
+        xe = x if w2 - 1 == w else qs_le64(slot + 8 * (w2 - 1)) ^ qs_le64(new + 8 * (w2 - 1))
+        end = 8 * (w2 - 1) + ((63 - <size_t>qs_clz64(xe)) >> 3) + 1 if xe else 8 * w2
         lit = end - start
         need = qs_varint_len(start - prev_end) + qs_varint_len(lit) + lit
         if o + need > budget:

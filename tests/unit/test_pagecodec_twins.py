@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import random
 from array import array
 from types import ModuleType
@@ -484,3 +485,47 @@ def test_hand_built_delta_applies(twin: ModuleType) -> None:
     assert twin.apply_pages(bytes([1 << 2 | 2, 7, 3, 2, 1, 2, 10, 1, 3]), dst, PS, 1) == 1
     assert dst[PS : PS + 17] == b"\x09" * 3 + b"\x01\x02" + b"\x09" * 10 + b"\x03" + b"\x09"
     assert dst[:PS] == b"\x09" * PS
+
+
+def test_cache_mirrors_the_receiver_while_the_source_changes() -> None:
+    """A running guest may write pages while they are encoded: the records may then carry a
+    mix of old and new bytes, but the cache must still equal what the receiver holds.
+
+    The "guest" is a forked child rewriting pages of shared memory in a tight loop, so it
+    runs truly concurrently with the encoder (a thread would mostly wait for the GIL). The
+    race windows are short: an encoder that copies the cache from the source instead of from
+    its output fails here in about one run out of three, the correct one never did.
+    """
+    c_twin = _c_twin()
+    ps, n = 4096, 8
+    ram = mmap.mmap(-1, n * ps)  # MAP_SHARED: the child's writes land here
+    flag = mmap.mmap(-1, 1)
+    rng = random.Random(8)
+    variants = [rng.randbytes(ps) for _ in range(3)]
+    variants.append(bytes(ps))
+    edited = bytearray(variants[0])
+    edited[100:140] = bytes(40)
+    variants.append(bytes(edited))
+    pid = os.fork()
+    if pid == 0:  # the guest
+        try:
+            k = 0
+            while flag[0] == 0:
+                k += 1
+                p = (k * 7919) % n * ps
+                ram[p : p + ps] = variants[k % len(variants)]
+        finally:
+            os._exit(0)
+    try:
+        replica = bytearray(n * ps)
+        cd, tags = _cache(n, ps)
+        idx = array("Q", range(n))
+        for _ in range(3000):
+            rec = c_twin.encode_pages(idx, ram, ps, cd, tags, False, None)
+            c_twin.apply_pages(rec, replica, ps, n)
+            assert replica == cd, "the cache no longer mirrors the receiver"
+    finally:
+        flag[0] = 1
+        os.waitpid(pid, 0)
+        ram.close()
+        flag.close()
