@@ -7,6 +7,7 @@ In one run, for 4 KiB pages:
     - "text": text-like pages, each with a few small edits since the cached version;
     - "random": pages replaced by unrelated random bytes (DELTA loses, FULL is sent);
     next to a memcpy of the same number of page bytes (bytearray slice assignment);
+  * zstd (levels 1, 3) over one PAGES payload of each workload (the frames' optional flag);
   * the keyed xxh3 scan (``scan_changed`` over a buffer where nothing changed, so every page
     is hashed and compared) next to a plain read of the same buffer (``memread``, C).
 GB/s are page bytes processed per second (10**9 bytes), best of --repeat; destination
@@ -25,6 +26,8 @@ import time
 from array import array
 from collections.abc import Callable
 from types import ModuleType
+
+import zstandard
 
 from qmpshadow.frames import _pagecodec_py, _pagehash_py
 from qmpshadow.frames.limits import EMPTY_TAG, ENCODE_SLACK
@@ -176,6 +179,21 @@ def main() -> None:
         label, twin = key.rsplit("_", 1)
         print(f"{label:<12}{twin:<6}{enc:>13.2f}{app:>12.2f}{ratio:>11.4f}")
     print(f"{'memcpy':<18}{memcpy_gbps:>13.2f}   (anchor: same page bytes, bytearray copy)")
+    # The frames' optional zstd, over one frame of records of each workload.
+    frame = array("Q", range(min(args.batch, npages)))
+    for label, a, b in (("text", text_a, text_b), ("random", rand_a, rand_b)):
+        cache = (bytearray(len(a)), array("Q", [EMPTY_TAG]) * npages)
+        c_codec.encode_pages(frame, a, PS, *cache, False, None)
+        rec = c_codec.encode_pages(frame, b, PS, *cache, False, None)
+        for level in (1, 3):
+            z = zstandard.ZstdCompressor(level=level)
+            t = best(lambda z=z, rec=rec: z.compress(rec), args.repeat)
+            size = len(z.compress(rec))
+            print(
+                f"zstd-{level} over a {label} PAGES payload: {len(rec)} -> {size} bytes "
+                f"({size / len(rec):.3f}), {len(rec) / t / 1e9:.2f} GB/s of payload, "
+                f"{len(frame) * PS / t / 1e9:.2f} GB/s of pages"
+            )
 
     scan_buf = text_pages((args.scan_mib << 20) // PS, rng)
     nscan = len(scan_buf) // PS
