@@ -21,8 +21,16 @@ import time
 from qmpshadow.migstream import StreamParser, StreamWriter
 from qmpshadow.migstream.constants import RamFlag
 from qmpshadow.migstream.events import (
-    Configuration, Eof, Header, RamBlockDecl, RamEos, RamMemSize, RamRecords, SectionEnd,
-    SectionFooter, SectionStart,
+    Configuration,
+    Eof,
+    Header,
+    RamBlockDecl,
+    RamEos,
+    RamMemSize,
+    RamRecords,
+    SectionEnd,
+    SectionFooter,
+    SectionStart,
 )
 from qmpshadow.migstream.image import RamImage
 

@@ -26,8 +26,8 @@ from qmpshadow.migstream.events import (
     SectionStart,
     Subsection,
     VmDescription,
+    encode_capabilities,
 )
-from qmpshadow.migstream.events import encode_capabilities
 from qmpshadow.migstream.writer import StreamWriter
 from qmpshadow.migstream.xbzrle import xbzrle_encode
 

@@ -111,10 +111,8 @@ class StreamWriter:
         if isinstance(ev, VmDescription):
             return bytes([SectionType.VMDESCRIPTION]) + _be(len(ev.json_bytes), 4) + ev.json_bytes
         if isinstance(ev, ColoMessageEvent):
-            out = _be(int(ev.message), 4)
-            if ev.value is not None:
-                out += _be(ev.value, 8)
-            return out
+            msg = _be(int(ev.message), 4)
+            return msg if ev.value is None else msg + _be(ev.value, 8)
         if isinstance(ev, ColoVmstate):
             return b"".join(device_section_bytes(s) for s in ev.sections) + bytes(
                 [SectionType.EOF])

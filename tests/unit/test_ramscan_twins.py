@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmpshadow._twins import extensions_disabled
-from qmpshadow.migstream import ramscan
 from qmpshadow.migstream import _ramscan_py as py_twin
+from qmpshadow.migstream import ramscan
 from tests.twins import twin_modules
 
 PS = 4096
