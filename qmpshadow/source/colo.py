@@ -1,0 +1,258 @@
+"""COLO source: qmpshadow as the secondary endpoint of an unmodified QEMU's COLO protocol.
+
+The primary has capability ``x-colo`` and migrates to our unix socket. Its initial stream
+becomes epoch 1 (every page); each checkpoint (dirty pages + device state) becomes the next
+epoch. :class:`ColoCapture` is the sans-I/O core: stream bytes in, epochs and the return-path
+answers out. When the answers are sent is the ack mode's business (see :class:`ColoSource`):
+``async`` answers as soon as the epoch is captured here, ``sync`` only once the shadow
+committed it — the primary stays paused until it gets VMSTATE_LOADED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AccelError, QmpShadowError, StreamFormatError, StreamUnsupportedError
+from ..frames.wire import DeviceStateFormat
+from ..migstream import StreamParser
+from ..migstream.colo import encode_colo
+from ..migstream.constants import ColoMessage, RamFlag
+from ..migstream.events import (
+    ColoMessageEvent,
+    ColoVmstate,
+    DeviceSection,
+    EndOfStream,
+    RamMemSize,
+    RamRecords,
+    RamXbzrle,
+    VmDescription,
+    _NeedData,
+)
+from ..migstream.writer import device_section_bytes
+from ..qmp.control import QmpControl
+from .epoch import CapturedEpoch, block_table
+
+AckMode = str  # "async" | "sync"
+
+
+@dataclass
+class EpochReady:
+    """An epoch is captured; ``answers`` are the return-path messages it calls for."""
+
+    epoch: CapturedEpoch
+    answers: list[ColoMessage]
+
+
+@dataclass
+class Answer:
+    """Return-path messages to send now (not tied to an epoch: CHECKPOINT_REPLY)."""
+
+    answers: list[ColoMessage]
+
+
+@dataclass
+class ColoCapture:
+    """Sans-I/O COLO secondary that turns the primary's stream into epochs."""
+
+    main_block: str
+    parser: StreamParser = field(default_factory=StreamParser)
+    epoch_number: int = 0
+    _blocks: list[tuple[str, int]] = field(default_factory=list)
+    _current: CapturedEpoch | None = None
+    _devices: list[bytes] = field(default_factory=list)
+    _request_at: float | None = None
+    ended: bool = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes of the primary's stream (``b""`` when it closed)."""
+        self.parser.receive_data(data)
+
+    def _epoch(self) -> CapturedEpoch:
+        if self._current is None:
+            if not self._blocks:
+                raise StreamFormatError("RAM pages before the RAM setup record",
+                                        offset=self.parser.offset, section="ram")
+            self.epoch_number += 1
+            self._current = CapturedEpoch(
+                self.epoch_number, full=self.epoch_number == 1,
+                blocks=block_table(self._blocks, self.main_block),
+                main_block=self.main_block, page_size=self.parser.page_size)
+        return self._current
+
+    def next_event(self) -> EpochReady | Answer | None:
+        """The next thing the shell must act on, or None when more bytes are needed.
+
+        Raises StreamFormatError for a bad stream, StreamUnsupportedError for XBZRLE (the
+        secondary keeps no RAM to decode it against) or a main block missing from the
+        primary's RAM.
+        """
+        while True:
+            ev = self.parser.next_event()
+            if isinstance(ev, _NeedData):
+                return None
+            if isinstance(ev, RamRecords):
+                self._take_records(ev)
+            elif isinstance(ev, RamMemSize):
+                self._blocks = [(b.idstr, b.used_length) for b in ev.blocks]
+                if self.main_block not in {b for b, _ in self._blocks}:
+                    names = ", ".join(b for b, _ in self._blocks)
+                    raise StreamUnsupportedError(
+                        f"main RAM block {self.main_block!r} is not in the primary's stream "
+                        f"(blocks: {names}); set memory.backend_id in the VM spec to the "
+                        "primary's RAM block", offset=self.parser.offset, section="ram")
+            elif isinstance(ev, RamXbzrle):
+                raise StreamUnsupportedError(
+                    "XBZRLE page in a COLO stream: disable the xbzrle capability on the "
+                    "primary", offset=self.parser.offset, section="ram")
+            elif isinstance(ev, DeviceSection):
+                self._devices.append(device_section_bytes(ev))
+            elif isinstance(ev, VmDescription):
+                if not self.parser.colo_enabled:
+                    raise StreamUnsupportedError(
+                        "the primary's stream did not enable COLO: set capability x-colo "
+                        "before migrating", offset=self.parser.offset)
+                ep = self._epoch()
+                ep.device_state = b"".join(self._devices) + b"\x00"
+                self._devices = []
+                self._current = None
+                return EpochReady(ep, [ColoMessage.CHECKPOINT_READY])
+            elif isinstance(ev, ColoMessageEvent):
+                if ev.message == ColoMessage.CHECKPOINT_REQUEST:
+                    self._request_at = time.monotonic()
+                    return Answer([ColoMessage.CHECKPOINT_REPLY])
+            elif isinstance(ev, ColoVmstate):
+                ep = self._epoch()
+                ep.device_state = b"".join(device_section_bytes(s) for s in ev.sections) + b"\x00"
+                ep.device_format = DeviceStateFormat.QEMU_SECTIONS
+                self._current = None
+                return EpochReady(ep, [ColoMessage.VMSTATE_RECEIVED, ColoMessage.VMSTATE_LOADED])
+            elif isinstance(ev, EndOfStream):
+                self.ended = True
+                return None
+
+    def _take_records(self, ev: RamRecords) -> None:
+        ep = self._epoch()
+        ps = ev.page_size
+        data = ev.data
+        zero = bytes(ps)
+        main = ep.main
+        for flags, offset, block, pos in ev.records:
+            if flags & RamFlag.PAGE:
+                page = bytes(data[pos : pos + ps])
+            else:
+                fill = data[pos]
+                page = zero if fill == 0 else bytes([fill]) * ps
+            ep.reported_pages += 1
+            if block == self.main_block:
+                main[offset // ps] = page
+            else:
+                ep.small.setdefault(block, {})[offset] = page
+
+
+EpochSink = Callable[[CapturedEpoch], Awaitable[None]]
+
+
+class ColoSource:
+    """Asyncio shell: drives the primary into COLO and captures its epochs.
+
+    ``sink(epoch)`` is awaited for every epoch: in ``sync`` mode the primary's answer
+    (READY/LOADED) is sent only after it returns, so a sink that returns once the shadow
+    committed makes the ack synchronous; in ``async`` mode the answers go first.
+    """
+
+    def __init__(self, qmp: QmpControl, *, main_block: str, sock_path: str | Path,
+                 sink: EpochSink, ack_mode: AckMode = "async",
+                 checkpoint_delay_ms: int = 200) -> None:
+        if ack_mode not in ("async", "sync"):
+            raise QmpShadowError(f"ack mode must be 'async' or 'sync', got {ack_mode!r}")
+        self.qmp = qmp
+        self.sock_path = str(sock_path)
+        self.sink = sink
+        self.ack_mode = ack_mode
+        self.delay = checkpoint_delay_ms
+        self.capture = ColoCapture(main_block)
+        self.epochs = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def check_accel(self) -> None:
+        """Refuse a primary not running under KVM (COLO deadlocks under TCG on 7.2).
+
+        Raises AccelError.
+        """
+        kvm = await self.qmp.execute("query-kvm")
+        if not (kvm.get("enabled") and kvm.get("present")):
+            raise AccelError(
+                "the colo source needs the primary under KVM: QEMU 7.2's COLO deadlocks at "
+                "its first checkpoint under TCG. Use the shared-ram source (--source "
+                "shared-ram) or run the primary with -accel kvm")
+
+    async def run(self) -> None:
+        """Start COLO and capture until the primary stops sending or the task is cancelled.
+
+        Raises AccelError (not KVM), QmpCommandError (QEMU refused), StreamFormatError.
+        """
+        await self.check_accel()
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+        self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
+        try:
+            await self.qmp.migrate_set_capabilities({"x-colo": True, "events": True})
+            await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay,
+                                                  max_bandwidth=1 << 40)
+            await self.qmp.migrate(f"unix:{self.sock_path}")
+            await self._done
+        finally:
+            self._server.close()
+            if self._writer is not None:  # hang up: the primary's next REQUEST fails
+                self._writer.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.sock_path)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        assert self._done is not None
+        if self._writer is not None:
+            writer.close()  # one primary per source
+            return
+        self._writer = writer
+        cap = self.capture
+        try:
+            while True:
+                chunk = await reader.read(4 << 20)
+                cap.receive_data(chunk)
+                while (item := cap.next_event()) is not None:
+                    if isinstance(item, Answer):
+                        writer.write(b"".join(encode_colo(m) for m in item.answers))
+                        await writer.drain()
+                        continue
+                    self.epochs += 1
+                    answer = b"".join(encode_colo(m) for m in item.answers)
+                    if self.ack_mode == "async":
+                        writer.write(answer)
+                        await writer.drain()
+                        await self.sink(item.epoch)
+                    else:
+                        await self.sink(item.epoch)
+                        writer.write(answer)
+                        await writer.drain()
+                if not chunk or cap.ended:
+                    break
+            if not self._done.done():
+                self._done.set_result(None)
+        except Exception as exc:  # delivered to run(); the connection closes below
+            if not self._done.done():
+                self._done.set_exception(exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()

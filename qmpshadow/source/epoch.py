@@ -1,0 +1,44 @@
+"""What a checkpoint source captures: one epoch of the primary, source-agnostic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..frames.wire import BlockFlags, DeviceStateFormat, RamBlock
+
+
+@dataclass(slots=True)
+class CapturedEpoch:
+    """Epoch ``number``: the pages that changed (or all, when ``full``) and device state.
+
+    ``main`` maps page index → page bytes of the main (shared) RAM block; ``small`` maps
+    each small block to its pages (offset → bytes); ``device_state`` is in
+    ``device_format``. ``reported_pages`` counts pages QEMU reported dirty (or the scan
+    found changed), ``pause_ms`` the primary's pause for this checkpoint when known.
+    """
+
+    number: int
+    full: bool
+    blocks: tuple[RamBlock, ...]
+    main_block: str
+    page_size: int
+    main: dict[int, bytes] = field(default_factory=dict)
+    small: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    device_state: bytes = b""
+    device_format: DeviceStateFormat = DeviceStateFormat.QEMU_SECTIONS
+    reported_pages: int = 0
+    pause_ms: float | None = None
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of the changed pages as raw pages (the baseline for wire ratios)."""
+        return (len(self.main) + sum(len(p) for p in self.small.values())) * self.page_size
+
+
+def block_table(decls: list[tuple[str, int]], main_block: str) -> tuple[RamBlock, ...]:
+    """Frames' block table: the main block as pages, every other block SMALL."""
+    return tuple(
+        RamBlock(idstr=idstr, length=length,
+                 flags=BlockFlags.NONE if idstr == main_block else BlockFlags.SMALL)
+        for idstr, length in decls
+    )
