@@ -62,8 +62,8 @@ class EpochEncoder:
         self.unchanged.reset(reseed=True)
         self._small_sent.clear()
 
-    def encode(self, ep: CapturedEpoch) -> tuple[list[Buffer], EncodeStats]:
-        """Frames of ``ep`` as buffers for ``writelines``, and their stats.
+    def encode(self, ep: CapturedEpoch) -> tuple[list[list[Buffer]], EncodeStats]:
+        """Frames of ``ep`` (each as buffers for ``writelines``), and their stats.
 
         Raises ConfigError (from the frame layer) for blocks or sizes it cannot encode.
         """
@@ -73,7 +73,7 @@ class EpochEncoder:
         w = EpochWriter(generation=self.generation, epoch=ep.number, blocks=ep.blocks,
                         max_payload=self.max_payload, compress_level=self.compress_level)
         index = {b.idstr: i for i, b in enumerate(ep.blocks)}
-        out: list[Buffer] = list(w.begin())
+        out: list[list[Buffer]] = [w.begin()]
         counts = array("Q", [0, 0, 0])
         indices = array("Q", sorted(ep.main))
         pages = bytearray(b"".join(ep.main[i] for i in indices))
@@ -87,7 +87,7 @@ class EpochEncoder:
             b = min(n, a + self.batch)
             records = encode_pages(indices[a:b], mv[a * ps : b * ps], ps, self.cache,
                                    packed=True, stats=counts)
-            out += w.pages(main, b - a, records)
+            out.append(w.pages(main, b - a, records))
         for block, blk_pages in sorted(ep.small.items()):
             bi = index[block]
             if not ep.blocks[bi].flags & BlockFlags.SMALL:
@@ -103,12 +103,12 @@ class EpochEncoder:
                     run += page
                     continue
                 if run:
-                    out += w.small_block(bi, run_start, bytes(run))
+                    out.append(w.small_block(bi, run_start, bytes(run)))
                 run_start, run = off, bytearray(page)
             if run:
-                out += w.small_block(bi, run_start, bytes(run))
-        out += w.device_state(ep.device_format, ep.device_state)
-        out += w.end()
+                out.append(w.small_block(bi, run_start, bytes(run)))
+        out.append(w.device_state(ep.device_format, ep.device_state))
+        out.append(w.end())
         stats = EncodeStats(
             epoch=ep.number, reported_pages=ep.reported_pages, sent_pages=n,
             unchanged_pages=len(indices) - n, zero=counts[0], full=counts[1], delta=counts[2],

@@ -55,7 +55,7 @@ async def test_shared_ram_frames_rebuild_ram(launch_vm: LaunchVm, short_tmp: Pat
             ep = await src.checkpoint(held=held, release=release)
             await t
             bufs, stats = enc.encode(ep)
-            wire = b"".join(bytes(b) for b in bufs)
+            wire = b"".join(bytes(b) for frame in bufs for b in frame)
             assert len(wire) == stats.wire_bytes
             dec.receive_data(wire)
             done: EpochComplete | None = None
