@@ -1,0 +1,244 @@
+"""Source agent: checkpoint source → epoch encoder → link to the shadow agent.
+
+It ships every captured epoch and tracks the shadow's acknowledgements. The encoder's page
+cache and unchanged table mirror the shadow's replica; whenever that mirror may be wrong
+(new link, RESYNC_REQUEST, an epoch not acknowledged) the next epoch goes out full. For the
+COLO source, which only ever sees dirty pages, the agent keeps a mirror of the primary's
+RAM to build that full epoch from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import QmpShadowError
+from ..frames.wire import Ack, Feature, Heartbeat, Hello, ResyncRequest, Role
+from ..source.encoder import EncodeStats, EpochEncoder
+from ..source.epoch import CapturedEpoch
+from ..transport.base import Link
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], Awaitable[Link]]
+StatusFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class SourceStats:
+    """Running totals, published in status events."""
+
+    captured: int = 0
+    committed: int = 0
+    wire_bytes: int = 0
+    raw_bytes: int = 0
+    resyncs: int = 0
+    last: EncodeStats | None = None
+    pauses_ms: list[float] = field(default_factory=list)
+
+
+class Mirror:
+    """The primary's RAM as the source agent last saw it (COLO source only)."""
+
+    def __init__(self) -> None:
+        self.main = bytearray()
+        self.small: dict[str, dict[int, bytes]] = {}
+        self.page_size = 4096
+
+    def update(self, ep: CapturedEpoch) -> None:
+        """Apply a captured epoch."""
+        ps = self.page_size = ep.page_size
+        if ep.full or not self.main:
+            length = next(b.length for b in ep.blocks if b.idstr == ep.main_block)
+            if len(self.main) != length:
+                self.main = bytearray(length)
+        for i, page in ep.main.items():
+            self.main[i * ps : (i + 1) * ps] = page
+        for block, pages in ep.small.items():
+            self.small.setdefault(block, {}).update(pages)
+
+    def full_epoch(self, ep: CapturedEpoch) -> CapturedEpoch:
+        """``ep`` widened to every page the mirror holds (after :meth:`update`)."""
+        ps = self.page_size
+        mv = memoryview(self.main)
+        main = {i: bytes(mv[i * ps : (i + 1) * ps]) for i in range(len(self.main) // ps)}
+        return CapturedEpoch(ep.number, True, ep.blocks, ep.main_block, ps, main,
+                             {b: dict(p) for b, p in self.small.items()}, ep.device_state,
+                             ep.device_format, ep.reported_pages, ep.pause_ms)
+
+
+class SourceAgent:
+    """Ships epochs to the shadow agent over links made by ``connect``.
+
+    ``ship(ep)`` is the source's sink; with ``wait_ack`` it returns only once the shadow
+    committed ``ep`` (or ``ack_timeout`` passed, after which protection is marked degraded
+    and the next epoch goes full), which is how the COLO source's ``sync`` mode holds the
+    primary until the shadow has the checkpoint.
+    """
+
+    def __init__(self, *, connect: Connect, page_size: int, main_pages: int,
+                 generation: int = 1, keep_mirror: bool = False, wait_ack: bool = False,
+                 ack_timeout: float = 5.0, cache_bytes: int = 64 << 20,
+                 compress_level: int | None = None, name: str = "",
+                 on_status: StatusFn | None = None) -> None:
+        self.connect = connect
+        self.generation = generation
+        self.encoder = EpochEncoder(page_size=page_size, main_pages=main_pages,
+                                    generation=generation, cache_bytes=cache_bytes,
+                                    compress_level=compress_level)
+        self.mirror = Mirror() if keep_mirror else None
+        self.wait_ack = wait_ack
+        self.ack_timeout = ack_timeout
+        self.name = name
+        self.on_status = on_status
+        self.stats = SourceStats()
+        self.link: Link | None = None
+        self._need_full = True
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._session = os.urandom(16)
+        self.page_size = page_size
+
+    @property
+    def need_full(self) -> bool:
+        """True when the next epoch must carry every page (new link, resync, lost ack)."""
+        return self._need_full or self.link is None or not self.link.is_open
+
+    async def prepare(self) -> None:
+        """Make sure a link is up before a checkpoint is taken (so need_full is right).
+
+        Never raises for an unreachable shadow: the epoch is then captured but not shipped.
+        """
+        with contextlib.suppress(QmpShadowError):
+            await self._ensure_link()
+
+    @property
+    def lag(self) -> int:
+        """Epochs captured but not (yet) committed by the shadow."""
+        return self.stats.captured - self.stats.committed
+
+    async def _ensure_link(self) -> Link:
+        if self.link is not None and self.link.is_open:
+            return self.link
+        await self._drop_link()
+        link = await self.connect()
+        await link.send_frame(Hello(generation=self.generation, epoch=self.stats.committed,
+                                    session_id=self._session, role=Role.SOURCE,
+                                    page_size=self.page_size,
+                                    features=Feature.DELTA, max_payload=link.options.max_payload,
+                                    name=self.name))
+        self.link = link
+        self._need_full = True  # a new link: the shadow may hold anything
+        self._reader = asyncio.create_task(self._read(link))
+        return link
+
+    async def _drop_link(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, QmpShadowError):
+                await self._reader
+            self._reader = None
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(QmpShadowError("link to the shadow lost before its ack"))
+        self._acks.clear()
+
+    async def _read(self, link: Link) -> None:
+        try:
+            async for frame in link:
+                if isinstance(frame, Ack):
+                    self.stats.committed = max(self.stats.committed, frame.epoch)
+                    for n in [n for n in self._acks if n <= frame.epoch]:
+                        fut = self._acks.pop(n)
+                        if not fut.done():
+                            fut.set_result(None)
+                elif isinstance(frame, ResyncRequest):
+                    log.warning("shadow asks for a resync: %s %s", frame.reason.name,
+                                frame.message)
+                    self._need_full = True
+                elif isinstance(frame, (Heartbeat, Hello)):
+                    pass
+        except QmpShadowError as exc:
+            log.warning("link to the shadow ended: %s", exc)
+        finally:
+            self._need_full = True
+            for fut in self._acks.values():
+                if not fut.done():
+                    fut.set_exception(QmpShadowError("link to the shadow ended before its ack"))
+
+    async def ship(self, ep: CapturedEpoch) -> None:
+        """Send one captured epoch (full when the shadow's state is uncertain).
+
+        Link failures do not raise: the epoch is counted as not committed and the next one
+        goes full over a new link. Raises QmpShadowError only for encoding bugs.
+        """
+        self.stats.captured = max(self.stats.captured, ep.number)
+        if ep.pause_ms is not None:
+            self.stats.pauses_ms.append(ep.pause_ms)
+        if self.mirror is not None:
+            self.mirror.update(ep)
+        try:
+            link = await self._ensure_link()
+        except QmpShadowError as exc:
+            log.warning("shadow unreachable, epoch %d not shipped: %s", ep.number, exc)
+            self._emit(ep, None, error=str(exc))
+            return
+        if self._need_full and not ep.full:
+            if self.mirror is None:
+                # shared-RAM source: the driver takes a full checkpoint next (need_full)
+                self._emit(ep, None, error="the shadow needs a full epoch; not shipped")
+                return
+            ep = self.mirror.full_epoch(ep)
+            self.stats.resyncs += 1
+        self._need_full = False
+        frames, stats = self.encoder.encode(ep)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[ep.number] = fut
+        try:
+            for frame in frames:
+                await link.send(frame)
+        except QmpShadowError as exc:
+            log.warning("sending epoch %d failed: %s", ep.number, exc)
+            self._need_full = True
+            self._acks.pop(ep.number, None)
+            self._emit(ep, stats, error=str(exc))
+            return
+        self.stats.wire_bytes += stats.wire_bytes
+        self.stats.raw_bytes += stats.raw_bytes
+        self.stats.last = stats
+        if self.wait_ack:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout)
+            except (TimeoutError, QmpShadowError) as exc:
+                log.warning("no ack for epoch %d: %s", ep.number, exc or "timeout")
+                self._need_full = True
+        self._emit(ep, stats)
+
+    def _emit(self, ep: CapturedEpoch, stats: EncodeStats | None, error: str = "") -> None:
+        if self.on_status is None:
+            return
+        doc: dict[str, Any] = {
+            "event": "epoch", "epoch": ep.number, "full": ep.full,
+            "dirty_pages": ep.reported_pages, "pause_ms": ep.pause_ms,
+            "committed": self.stats.committed, "lag": self.lag,
+            "wire_bytes_total": self.stats.wire_bytes, "time": time.time(),
+        }
+        if stats is not None:
+            doc.update(wire_bytes=stats.wire_bytes, raw_bytes=stats.raw_bytes,
+                       sent_pages=stats.sent_pages, unchanged_pages=stats.unchanged_pages)
+        if error:
+            doc["error"] = error
+        self.on_status(doc)
+
+    async def close(self) -> None:
+        """Close the link."""
+        await self._drop_link()
