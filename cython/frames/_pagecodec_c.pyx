@@ -559,6 +559,35 @@ cdef object _walk_error(WalkError *e, size_t ps, uint64_t npages):
     return FrameFormatError(f"unknown page encoding {e.a} for page {e.b}", offset=e.offset)
 
 
+def check_pages(records, npages, page_size, count=-1):
+    """Validate PAGES ``records`` for a target of ``npages`` pages without applying them.
+
+    Runs exactly the checks of :func:`apply_pages` (same errors, same offsets) and returns
+    the record count. FrameFormatError as :func:`apply_pages`; ConfigError for a bad page
+    size or a negative ``npages``.
+    """
+    _check_page_size(page_size)
+    if npages < 0:
+        raise ConfigError(f"npages must be >= 0, got {npages}")
+    cdef size_t ps = page_size
+    cdef const uint8_t[::1] rec = memoryview(records).cast("B")
+    cdef uint64_t np = npages
+    cdef size_t end = rec.shape[0]
+    cdef const uint8_t *recp = &rec[0] if end else NULL
+    cdef WalkError err
+    cdef size_t n
+    err.code = E_NONE
+    with nogil:
+        n = _walk(recp, end, NULL, ps, np, False, &err)
+    if err.code != E_NONE:
+        raise _walk_error(&err, ps, np)
+    if count >= 0 and n != <size_t>count:
+        raise FrameFormatError(
+            f"payload holds {n} page records, the frame says {count}", offset=end
+        )
+    return n
+
+
 def apply_pages(records, dst, page_size, count=-1):
     """Apply PAGES ``records`` to ``dst`` (writable, page ``i`` at ``i * page_size``).
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         FULL,
         ZERO,
         apply_pages,
+        check_pages,
         encode_pages,
         encode_pages_into,
     )
@@ -28,6 +29,7 @@ else:
     encode_pages_into = _mod.encode_pages_into
     ENCODE_SLACK = _mod.ENCODE_SLACK
     apply_pages = _mod.apply_pages
+    check_pages = _mod.check_pages
     ZERO = _mod.ZERO
     FULL = _mod.FULL
     DELTA = _mod.DELTA
@@ -41,6 +43,7 @@ __all__ = [
     "IMPLEMENTATION",
     "ZERO",
     "apply_pages",
+    "check_pages",
     "encode_pages",
     "encode_pages_into",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "PAGE_SIZE_MIN",
     "ZERO",
     "apply_pages",
+    "check_pages",
     "encode_pages",
     "encode_pages_into",
 ]
@@ -271,6 +272,20 @@ def apply_pages(records: Any, dst: Any, page_size: int, count: int = -1) -> int:
     n = _walk(rec, None, page_size, len(out) // page_size, count)
     _walk(rec, out, page_size, len(out) // page_size, count)
     return n
+
+
+def check_pages(records: Any, npages: int, page_size: int, count: int = -1) -> int:
+    """Validate PAGES ``records`` for a target of ``npages`` pages without applying them.
+
+    Runs exactly the checks of :func:`apply_pages` (same errors, same offsets) and returns
+    the record count, so a receiver can refuse a bad payload before it commits to applying
+    a batch of them. Raises FrameFormatError as :func:`apply_pages`; ConfigError for a bad
+    page size or a negative ``npages``.
+    """
+    check_page_size(page_size)
+    if npages < 0:
+        raise ConfigError(f"npages must be >= 0, got {npages}")
+    return _walk(memoryview(records).cast("B"), None, page_size, npages, count)
 
 
 def _walk(rec: memoryview, out: memoryview | None, ps: int, npages: int, count: int) -> int:

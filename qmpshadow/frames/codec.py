@@ -18,6 +18,7 @@ __all__ = [
     "IMPLEMENTATION",
     "PageCache",
     "apply_pages",
+    "check_pages",
     "encode_pages",
     "encode_pages_into",
     "encoded_size_bound",
@@ -144,6 +145,17 @@ def apply_pages(records: Any, dst: Any, page_size: int, count: int = -1) -> int:
     the record count (checked against ``count`` when >= 0). See ``_pagecodec_py``.
     """
     return _pagecodec.apply_pages(records, dst, page_size, count)
+
+
+def check_pages(records: Any, npages: int, page_size: int, count: int = -1) -> int:
+    """Validate PAGES ``records`` for a target of ``npages`` pages without writing anything.
+
+    The same checks and errors as :func:`apply_pages` (FrameFormatError with the offset in
+    the records; ConfigError for a bad page size): a receiver that journals frames calls it
+    when a frame arrives, so that applying the committed epoch later cannot fail halfway.
+    Returns the record count (checked against ``count`` when >= 0).
+    """
+    return _pagecodec.check_pages(records, npages, page_size, count)
 
 
 def max_pages_per_frame(page_size: int, max_payload: int) -> int:

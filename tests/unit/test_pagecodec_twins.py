@@ -529,3 +529,45 @@ def test_cache_mirrors_the_receiver_while_the_source_changes() -> None:
         os.waitpid(pid, 0)
         ram.close()
         flag.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rec=st.one_of(
+        st.binary(max_size=64),
+        st.builds(
+            lambda head, body: head + body,
+            st.sampled_from([b"\x02", b"\x06", b"\x01", b"\x00", b"\x0a"]),
+            st.binary(max_size=PS + 16),
+        ),
+    ),
+    count=st.sampled_from([-1, 0, 1, 2]),
+)
+def test_check_pages_agrees_with_apply_pages(rec: bytes, count: int) -> None:
+    """check_pages refuses exactly what apply_pages refuses, with the same error, in both
+    twins, and returns the same count."""
+    for tw in (py_twin, _c_twin()):
+        target = bytearray(4 * PS)
+        try:
+            want: Any = tw.apply_pages(rec, target, PS, count)
+        except FrameFormatError as exc:
+            want = (exc.reason, exc.offset)
+        try:
+            got: Any = tw.check_pages(rec, 4, PS, count)
+        except FrameFormatError as exc:
+            got = (exc.reason, exc.offset)
+        assert got == want
+
+
+def test_check_pages_writes_nothing_and_bounds(twin: ModuleType) -> None:
+    src = bytes(PS) + b"\x05" * PS + b"\x06" * PS
+    rec = codec.encode_pages([0, 1, 2], src, PS)
+    assert twin.check_pages(rec, 3, PS, 3) == 3
+    assert codec.check_pages(rec, 3, PS) == 3
+    with pytest.raises(FrameFormatError, match="outside the target"):
+        twin.check_pages(rec, 2, PS)
+    with pytest.raises(ConfigError):
+        twin.check_pages(rec, -1, PS)
+    with pytest.raises(ConfigError):
+        twin.check_pages(rec, 3, 1000)
+    assert twin.check_pages(b"", 0, PS, 0) == 0
