@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import demo_cmd, stream_cmd
+from . import certs_cmd, demo_cmd, stream_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     stream_cmd.register(sub)
     demo_cmd.register(sub)
+    certs_cmd.register(sub)
     return parser
 
 
