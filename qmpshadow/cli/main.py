@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import certs_cmd, demo_cmd, stream_cmd
+from . import certs_cmd, demo_cmd, migrate_cmd, stream_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream_cmd.register(sub)
     demo_cmd.register(sub)
     certs_cmd.register(sub)
+    migrate_cmd.register(sub)
     return parser
 
 
