@@ -145,7 +145,7 @@ async def test_migrate_into_netns(launch_vm: LaunchVm, short_tmp: Path, tcg: Acc
 async def test_spec_must_match_the_source(launch_vm: LaunchVm, short_tmp: Path,
                                           tcg: AccelChoice) -> None:
     vm = await _boot(launch_vm, dirtier_spec("mm"), tcg)
-    with pytest.raises(ConfigError, match="memory.size_mib = 128 but the source has 64 MiB"):
+    with pytest.raises(ConfigError, match=r"memory\.size_mib = 128 but the source has 64 MiB"):
         await migrate(vm.run.qmp2_sock, MigrationTarget(dirtier_spec("mm", mem_mib=128),
                                                         RunPaths.create(short_tmp / "dst")))
     assert not (short_tmp / "dst" / "qmp.sock").exists()  # nothing was started

@@ -166,7 +166,7 @@ async def test_ctrl_c_rolls_back(launch_vm: LaunchVm, short_tmp: Path, tcg: Acce
         else:
             raise AssertionError(f"migration did not start: {info}")
         proc.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        _out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
             proc.kill()
