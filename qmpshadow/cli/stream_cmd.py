@@ -1,4 +1,4 @@
-"""``qmpshadow stream ...``: inspect (record and diff come with the migration issue)."""
+"""``qmpshadow stream ...``: inspect, record (relay a live migration) and diff streams."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def register(sub: Any) -> None:
     insp.add_argument("--timeout", type=float, default=120.0, metavar="S",
                       help="seconds to wait for a live stream (default 120)")
     insp.set_defaults(func=run_inspect)
+
+    rec = ssub.add_parser(
+        "record",
+        help="relay a live migration through qmpshadow and record it",
+        description="Listen on --listen for a migration, forward every connection to --to "
+        "unchanged in both directions and record it: the source -> destination bytes of the "
+        "main channel to FILE, the return path (COLO acks, postcopy requests) to "
+        "FILE.return, other channels (multifd) to FILE.chN. Start the destination with "
+        "migrate-incoming on --to, then migrate the source to the address printed. Ends "
+        "when the migration's connections have closed (or on Ctrl-C, keeping what was "
+        "recorded). A recording of a plain precopy migration replays with migrate-incoming "
+        "exec:cat FILE.")
+    rec.add_argument("--listen", required=True, metavar="ADDR",
+                     help="unix:PATH or tcp:HOST:PORT (port 0: any) for the source")
+    rec.add_argument("--to", required=True, metavar="ADDR",
+                     help="the destination's incoming address, unix:PATH or tcp:HOST:PORT")
+    rec.add_argument("-o", "--out", required=True, metavar="FILE", help="recording file")
+    rec.add_argument("--return-out", metavar="FILE",
+                     help="return-path recording (default FILE.return)")
+    rec.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="give up when the migration did not end within S seconds")
+    rec.add_argument("--json", action="store_true", help="print the result as JSON")
+    rec.set_defaults(func=run_record)
 
 
 def _progress_printer() -> Any:
@@ -65,4 +88,48 @@ def run_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_human(doc))
+    return 0
+
+
+def run_record(args: argparse.Namespace) -> int:
+    """Run ``stream record``; raises QmpShadowError subclasses for the CLI to report."""
+    import asyncio
+
+    from ..errors import TransportError
+    from ..streamtools.record import Relay, parse_endpoint
+
+    listen = parse_endpoint(args.listen, what="--listen")
+    target = parse_endpoint(args.to, what="--to")
+    progress = _progress_printer()
+
+    def on_bytes(fwd: int, ret: int) -> None:
+        if progress is not None:
+            progress(fwd + ret, None)
+
+    async def main() -> Any:
+        relay = Relay(listen, target, args.out, return_out=args.return_out,
+                      on_bytes=on_bytes)
+        uri = await relay.start()
+        print(f"listening on {uri} (migrate the source with uri={uri}); forwarding to "
+              f"{target.uri}", file=sys.stderr, flush=True)
+        try:
+            return await relay.wait(args.timeout)
+        finally:
+            await relay.close()
+
+    stats = asyncio.run(main())
+    if progress:
+        print(file=sys.stderr)
+    doc = stats.as_dict()
+    if args.json:
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for ch in doc["channels"]:
+            print(f"channel {ch['index']} ({ch['kind']}): {ch['forward_bytes']} bytes -> "
+                  f"{ch['forward_file']}, return path {ch['return_bytes']} bytes -> "
+                  f"{ch['return_file']}" + (f"  ERROR: {ch['error']}" if ch["error"] else ""))
+    if stats.errors:
+        raise TransportError("relay failed: " + "; ".join(stats.errors)
+                             + " (the recording holds what was relayed before)")
     return 0

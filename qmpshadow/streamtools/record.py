@@ -184,7 +184,8 @@ class Relay:
         return self._uri
 
     async def wait(self, timeout: float | None = None) -> RelayStats:
-        """Until the main channel ended (both directions) and every connection closed.
+        """Until the main channel ended (both directions), or a connection failed before
+        any main channel began, and every connection closed.
 
         Raises:
             TransportError: nothing complete within ``timeout`` seconds.
@@ -236,7 +237,8 @@ class Relay:
             self._open -= 1
             if self._open == 0:
                 self._idle.set()
-            if ch.kind == "main":
+            if ch.kind == "main" or (ch.error and not self._main_seen):
+                # a connection that failed before any main channel began ends the session
                 self._main_done.set()
             if task is not None:
                 self._tasks.discard(task)
