@@ -1,0 +1,154 @@
+"""Shadow agent: link from the source agent → epoch assembler → replica → ack.
+
+One source link at a time (a new one replaces the old). Frames of an epoch are staged in the
+replica's journal as they arrive; when the assembler says the epoch is whole and verified
+the replica commits it and only then the agent acknowledges it. A corrupt or inconsistent
+epoch is dropped (the replica keeps the previous committed epoch) and the source is asked
+for a full resync; a dropped link likewise ends with the open epoch aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..errors import FrameError, QmpShadowError
+from ..frames.epoch import EpochAssembler
+from ..frames.wire import (
+    Ack,
+    EpochBegin,
+    Feature,
+    Heartbeat,
+    Hello,
+    ResyncReason,
+    ResyncRequest,
+    Role,
+)
+from ..shadow.replica import Replica
+from ..transport.base import Link, Listener
+
+log = logging.getLogger(__name__)
+StatusFn = Callable[[dict[str, Any]], None]
+
+
+class ShadowAgent:
+    """Receives epochs into ``replica``; see the module docstring."""
+
+    def __init__(self, *, listener: Listener, replica: Replica, machine_type: str | None,
+                 name: str = "", on_status: StatusFn | None = None) -> None:
+        self.listener = listener
+        self.replica = replica
+        self.machine_type = machine_type
+        self.name = name
+        self.on_status = on_status
+        self.link: Link | None = None
+        self._session: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_frame_at = 0.0
+        self.epochs_committed = 0
+        self.resyncs = 0
+        self.fenced = False
+
+    def _emit(self, **doc: Any) -> None:
+        if self.on_status is not None:
+            doc.setdefault("time", time.time())
+            self.on_status(doc)
+
+    async def serve(self) -> None:
+        """Accept source links until cancelled (or :meth:`stop`)."""
+        while True:
+            link = await self.listener.accept()
+            if self._task is not None and not self._task.done():
+                log.info("a new source link replaces the current one")
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, QmpShadowError):
+                    await self._task
+            self._task = asyncio.create_task(self._handle(link))
+
+    async def stop(self) -> None:
+        """Stop receiving: the current link is closed, the open epoch aborted."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, QmpShadowError):
+                await self._task
+        if self.link is not None:
+            self.link.abort()
+        with contextlib.suppress(QmpShadowError):
+            self.replica.abort()
+
+    async def _handle(self, link: Link) -> None:
+        self.link = link
+        replica = self.replica
+        asm: EpochAssembler | None = None
+        new_session = False
+        try:
+            async with link:
+                await link.send_frame(Hello(
+                    generation=replica.generation, epoch=replica.committed_epoch,
+                    session_id=self._session or b"\0" * 16, role=Role.SHADOW,
+                    page_size=replica.page_size or 4096, features=Feature.DELTA,
+                    max_payload=link.options.max_payload, name=self.name))
+                async for frame in link:
+                    self.last_frame_at = time.monotonic()
+                    if isinstance(frame, Hello):
+                        if frame.role != Role.SOURCE:
+                            raise FrameError(f"peer says it is {frame.role.name}, expected "
+                                             "SOURCE")
+                        new_session = frame.session_id != self._session
+                        self._session = frame.session_id
+                        self._emit(event="source-connected", peer=str(link.peer),
+                                   new_session=new_session)
+                        continue
+                    if isinstance(frame, Heartbeat):
+                        continue
+                    if frame.generation < replica.generation:
+                        self.fenced = True
+                        raise FrameError(
+                            f"frame of generation {frame.generation} from a deposed primary "
+                            f"(current generation {replica.generation}): refused")
+                    try:
+                        if isinstance(frame, EpochBegin):
+                            if (new_session or frame.blocks != replica.blocks
+                                    or frame.generation != replica.generation):
+                                replica.reset(frame.blocks, frame.generation,
+                                              machine_type=self.machine_type)
+                                new_session = False
+                            # epochs only move forward: an older one is refused (resync)
+                            asm = EpochAssembler(generation=frame.generation,
+                                                 last_epoch=replica.committed_epoch)
+                        if asm is None:
+                            raise FrameError(f"{type(frame).__name__} outside an epoch")
+                        replica.stage(frame)
+                        done = asm.feed(frame)
+                        if done is not None:
+                            replica.commit(done)
+                            self.epochs_committed += 1
+                            await link.send_frame(Ack(generation=done.generation,
+                                                      epoch=done.epoch, digest=done.digest))
+                            self._emit(event="committed", epoch=done.epoch,
+                                       pages=done.pages, frames=done.frames)
+                            asm = None
+                    except FrameError as exc:
+                        log.warning("epoch refused, asking for a resync: %s", exc)
+                        replica.abort()
+                        asm = None
+                        self.resyncs += 1
+                        self._emit(event="resync", reason=str(exc))
+                        await link.send_frame(ResyncRequest(
+                            generation=replica.generation, epoch=replica.committed_epoch,
+                            reason=ResyncReason.DECODE_ERROR, message=str(exc)[:200]))
+        except QmpShadowError as exc:
+            log.warning("source link ended: %s", exc)
+            self._emit(event="source-lost", reason=str(exc))
+        finally:
+            with contextlib.suppress(QmpShadowError):
+                replica.abort()
+            if self.link is link:
+                self.link = None
+
+
+PromoteFn = Callable[[], Awaitable[dict[str, Any]]]
