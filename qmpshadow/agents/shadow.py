@@ -21,6 +21,7 @@ from ..frames.epoch import EpochAssembler
 from ..frames.wire import (
     Ack,
     EpochBegin,
+    EpochEnd,
     Feature,
     Heartbeat,
     Hello,
@@ -122,7 +123,8 @@ class ShadowAgent:
                                                  last_epoch=replica.committed_epoch)
                         if asm is None:
                             raise FrameError(f"{type(frame).__name__} outside an epoch")
-                        replica.stage(frame)
+                        if not isinstance(frame, EpochEnd):
+                            replica.stage(frame)
                         done = asm.feed(frame)
                         if done is not None:
                             replica.commit(done)

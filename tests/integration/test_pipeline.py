@@ -1,0 +1,91 @@
+"""Source agent → link → shadow agent → replica, on real QEMU and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from qmpshadow.agents.shadow import ShadowAgent
+from qmpshadow.agents.source import SourceAgent
+from qmpshadow.qemu.accel import AccelChoice
+from qmpshadow.qemu.spec import MemorySpec, VmSpec
+from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
+from qmpshadow.shadow.replica import Replica
+from qmpshadow.source.shared_ram import SharedRamSource
+from qmpshadow.transport import local
+from tests.integration.conftest import LaunchVm
+
+pytestmark = [pytest.mark.qemu]
+MIB = 64
+PS = 4096
+
+
+async def _wait(pred: object, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_shared_ram_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
+                                                tcg: AccelChoice) -> None:
+    mem_path = short_tmp / "p.ram"
+    spec = VmSpec(name="pl", memory=MemorySpec(size_mib=MIB, backend="file", backend_id="mem",
+                                               mem_path=mem_path),
+                  kernel=guest_kernel_path(),
+                  kernel_args=kernel_args(pages=32, region_mib=8, delay_us=500,
+                                          pattern="text", print_ms=100))
+    vm = await launch_vm(spec, accel=tcg)
+    await wait_for_counter(vm.run.serial_log, timeout=30)
+    replica = Replica.open(short_tmp / "replica", durable=False)
+    listener = await local.listen(short_tmp / "link.sock")
+    shadow = ShadowAgent(listener=listener, replica=replica, machine_type="pc-i440fx-7.2")
+    serve = asyncio.create_task(shadow.serve())
+    agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
+                        page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True)
+    src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
+                          sock_path=short_tmp / "d.sock")
+    await src.open()
+    try:
+        for n in range(1, 5):
+            await agent.prepare()
+            held, release = asyncio.Event(), asyncio.Event()
+            dump = short_tmp / f"d{n}.ram"
+
+            async def snap(held: asyncio.Event = held, release: asyncio.Event = release,
+                           dump: Path = dump) -> None:
+                await held.wait()
+                await vm.qmp.pmemsave(0, MIB << 20, str(dump))
+                release.set()
+
+            t = asyncio.create_task(snap())
+            ep = await src.checkpoint(full=agent.need_full, held=held, release=release)
+            await t
+            await agent.ship(ep)
+            assert agent.stats.committed == n, agent.stats
+            assert replica.committed_epoch == n
+            with open(replica.ram_path, "rb") as f:
+                ram = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                raw = dump.read_bytes()
+                bad = [hex(o) for o in range(0, MIB << 20, PS)
+                       if not 0xA0000 <= o < 0x100000 and ram[o : o + PS] != raw[o : o + PS]]
+                assert not bad, (n, len(bad), bad[:8])
+                ram.close()
+            assert replica.device_state is not None
+            await asyncio.sleep(0.2)
+        last = agent.stats.last
+        assert last is not None and last.wire_bytes < last.raw_bytes
+    finally:
+        await agent.close()
+        await src.close()
+        serve.cancel()
+        await shadow.stop()
+        await listener.close()
+        replica.close()
+    assert os.path.getsize(replica.ram_path) >= MIB << 20
