@@ -174,8 +174,11 @@ class LinkProtocol(asyncio.Protocol):
         return bytes(out)
 
     async def wait_readable(self) -> None:
-        """Return once bytes are buffered, or EOF or loss happened."""
-        if self._chunks or self.eof or self.lost:
+        """Return once bytes are buffered, EOF arrived, or the connection is lost. After
+        EOF it waits for the loss (the transport closes itself right after EOF), so a loop
+        calling it never spins.
+        """
+        if self._chunks or self.lost:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._read_waiter = waiter
@@ -582,7 +585,7 @@ def _handshake_error(exc: BaseException, side: str, where: str) -> TransportErro
 
 
 async def _read_preamble(proto: LinkProtocol, side: str, where: str) -> None:
-    while proto.buffered < PREAMBLE_SIZE and not proto.eof:
+    while proto.buffered < PREAMBLE_SIZE and not proto.lost:
         await proto.wait_readable()
     if proto.buffered < PREAMBLE_SIZE:
         exc = proto.lost_exc
