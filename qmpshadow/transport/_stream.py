@@ -546,7 +546,7 @@ async def establish(
                 current.write(preamble(STATUS_REFUSED))
                 raise
             current.write(preamble(STATUS_OK))
-            await _read_preamble(proto, side, where)
+            await _read_preamble(proto, side, where, tls is not None)
         ok = True
     except TimeoutError:
         raise TransportError(
@@ -584,7 +584,7 @@ def _handshake_error(exc: BaseException, side: str, where: str) -> TransportErro
     )
 
 
-async def _read_preamble(proto: LinkProtocol, side: str, where: str) -> None:
+async def _read_preamble(proto: LinkProtocol, side: str, where: str, tls: bool) -> None:
     while proto.buffered < PREAMBLE_SIZE and not proto.lost:
         await proto.wait_readable()
     if proto.buffered < PREAMBLE_SIZE:
@@ -595,6 +595,15 @@ async def _read_preamble(proto: LinkProtocol, side: str, where: str) -> None:
                 "certificate signed by the peer's CA, for a name the peer allows"
             )
         got = proto.take()
+        if tls:
+            # In TLS 1.3 the server judges the client's certificate after the client finished
+            # its handshake; asyncio then drops the connection without sending the alert.
+            raise PeerAuthError(
+                f"{where} closed the connection right after the TLS handshake, before "
+                "confirming the link: it most likely refused this side's certificate (foreign "
+                "CA, self-signed, expired, or none); see the peer's log. Otherwise it is "
+                "shutting down"
+            )
         raise TransportError(
             f"{where} closed the connection during link setup (after {sum(map(len, got))} "
             f"of the {PREAMBLE_SIZE}-byte link preamble): expected a qmpshadow agent; it "

@@ -324,7 +324,8 @@ async def _dial(
             return s
         except OSError as exc:
             s.close()
-            errors.append(f"{_fmt_addr(addr)}: {exc.strerror or exc}")
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            errors.append(f"{_fmt_addr(addr)}: {why}")
         except BaseException:
             s.close()
             raise
