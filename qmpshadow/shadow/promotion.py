@@ -200,8 +200,8 @@ def check_promotion_stream(
     RAM section whose MEM_SIZE lists exactly the replica's blocks and lengths; no page of
     the shared block; every page of every small block, each equal to the replica's; at
     least one device section; no commands or COLO content. With ``target`` (the shadow
-    QEMU's blocks), every block must exist there with room for its length, and the shared
-    block must have its exact length.
+    QEMU's blocks), both must have the same set of blocks, each with room for its length,
+    the shared block with its exact length.
 
     Returns (machine type, small-block pages, device sections).
 
@@ -259,6 +259,11 @@ def check_promotion_stream(
                     f"{'an' if p.eof else 'no'} EOF", "resync the replica")
     if target is not None:
         have = {t.idstr: t for t in target}
+        extra = sorted(set(have) - set(table))
+        if extra:
+            raise _fail(f"the shadow QEMU has RAM blocks {extra} that the primary's block table "
+                        f"lacks ({sorted(table)}): their contents would not be restored",
+                        "launch the shadow with exactly the primary's devices and firmware")
         for b in replica.blocks:
             t = have.get(b.idstr)
             if t is None:
