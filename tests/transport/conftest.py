@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from typing import TypeVar
 
 import pytest
 
+from qmpshadow.testing.netns import Netns, netns_unavailable_reason, veth_between
 from qmpshadow.transport.certs import create_ca, init_dev_pki
 from tests.transport.cases import CASES, Case, Pki
 
@@ -47,6 +46,8 @@ def case(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> Case:
 
 # ---------------------------------------------------------------------------------------------
 # Network namespaces: two test hosts joined by a veth pair, nothing in the root namespace.
+# Namespaces and veths come from qmpshadow.testing.netns; sockets are created inside a
+# namespace by a thread that entered it (a socket keeps its namespace for life).
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -96,35 +97,14 @@ class TwoHosts:
         return self.run_in(ns, make)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
-
-
 @pytest.fixture
 def two_hosts() -> Iterator[TwoHosts]:
-    """Two network namespaces made by this test, 10.213.77.1/30 <-> .2 on a veth pair.
-
-    Skips (with the reason) when namespaces cannot be created here.
+    """Two network namespaces made by this test, joined by a veth pair with a private /30
+    that exists only inside them. Skips (with the reason) when namespaces are not permitted.
     """
-    if shutil.which("ip") is None:
-        pytest.skip("netns: iproute2's `ip` is not installed")
-    tag = f"{os.getpid() % 100000}"
-    a, b = f"qsa{tag}", f"qsb{tag}"
-    va, vb = f"qsva{tag}", f"qsvb{tag}"
-    try:
-        _ip("netns", "add", a)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"netns: cannot create a network namespace here ({exc.stderr.strip()})")
-    try:
-        _ip("netns", "add", b)
-        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
-        _ip("link", "set", va, "netns", a)
-        _ip("link", "set", vb, "netns", b)
-        for ns, dev, addr in ((a, va, "10.213.77.1/30"), (b, vb, "10.213.77.2/30")):
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield TwoHosts(a=a, b=b, addr_a="10.213.77.1", addr_b="10.213.77.2")
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(f"netns: {reason}")
+    with Netns.create() as a, Netns.create() as b:
+        veth = veth_between(a, b)
+        yield TwoHosts(a=a.name, b=b.name, addr_a=veth.host_addr, addr_b=veth.peer_addr)
