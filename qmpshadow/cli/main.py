@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import certs_cmd, demo_cmd, migrate_cmd, stream_cmd
+from . import certs_cmd, demo_cmd, migrate_cmd, protect_cmd, stream_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.register(sub)
     certs_cmd.register(sub)
     migrate_cmd.register(sub)
+    protect_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""``qmpshadow protect`` (source agent), ``shadow`` (shadow agent), ``promote``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _security(p: argparse.ArgumentParser, name: str, peer: str) -> None:
+    p.add_argument("--tls", metavar="DIR", type=Path,
+                   help="TLS material as written by `qmpshadow certs init` (tcp links)")
+    p.add_argument("--name", default=name, help=f"this agent's certificate name ({name})")
+    p.add_argument("--peer", default=peer, help=f"the peer's certificate name ({peer})")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="plain TCP without TLS, allowed on 127.0.0.1 only")
+    p.add_argument("--json", action="store_true", help="JSON event lines on stdout")
+
+
+def register(sub: Any) -> None:
+    """Add protect, shadow and promote to ``sub``."""
+    p = sub.add_parser("protect", help="source agent: checkpoint a running primary to a shadow",
+                       description="Protect a running primary VM: take consistent epochs "
+                       "(COLO under KVM, or a shared-RAM scan) and ship them to the shadow "
+                       "agent.")
+    p.add_argument("--spec", required=True, type=Path, help="VM spec (TOML)")
+    p.add_argument("--qmp", required=True, help="the primary's QMP unix socket (use its "
+                   "second socket if another client owns the first)")
+    p.add_argument("--to", required=True, help="shadow agent: unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--source", default="auto", choices=["auto", "colo", "shared-ram"])
+    p.add_argument("--ack", default="async", choices=["async", "sync"],
+                   help="COLO ack mode (default async)")
+    p.add_argument("--interval", type=int, default=200, metavar="MS",
+                   help="checkpoint interval in ms (default 200)")
+    p.add_argument("--epochs", type=int, default=0, help="stop after N epochs (0: never)")
+    _security(p, "source", "shadow")
+    p.set_defaults(func=run_protect)
+
+    s = sub.add_parser("shadow", help="shadow agent: keep a replica and a warm standby",
+                       description="Receive epochs into a replica and keep a paused shadow "
+                       "QEMU ready; promote it on `qmpshadow promote`.")
+    s.add_argument("--spec", required=True, type=Path, help="VM spec (TOML)")
+    s.add_argument("--replica", required=True, type=Path, help="replica directory")
+    s.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT")
+    s.add_argument("--control", type=Path, help="control socket (default REPLICA/control.sock)")
+    s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    _security(s, "shadow", "source")
+    s.set_defaults(func=run_shadow)
+
+    m = sub.add_parser("promote", help="promote a shadow now (manual failover)")
+    m.add_argument("--control", required=True, type=Path, help="the shadow agent's control "
+                   "socket")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=run_promote)
+
+
+def _sec(args: argparse.Namespace) -> Any:
+    from ..agents.run import LinkSecurity
+
+    return LinkSecurity(tls_dir=args.tls, name=args.name, peer=args.peer,
+                        insecure_loopback=args.insecure_loopback)
+
+
+def run_protect(args: argparse.Namespace) -> int:
+    """Run the source agent. Raises QmpShadowError subclasses for the CLI to report."""
+    import asyncio
+
+    from ..agents.run import Endpoint
+    from ..agents.run import run_protect as main
+    from ..qemu.spec import VmSpec
+    from .live import StatusLine
+
+    spec = VmSpec.from_toml(args.spec)
+    asyncio.run(main(spec=spec, qmp_path=args.qmp, to=Endpoint.parse(args.to),
+                     sec=_sec(args), source=args.source, ack=args.ack,
+                     interval_ms=args.interval, status=StatusLine(json_mode=args.json),
+                     max_epochs=args.epochs))
+    return 0
+
+
+def run_shadow(args: argparse.Namespace) -> int:
+    """Run the shadow agent until promoted."""
+    import asyncio
+
+    from ..agents.run import Endpoint
+    from ..agents.run import run_shadow as main
+    from ..qemu.spec import VmSpec
+    from .live import StatusLine
+
+    spec = VmSpec.from_toml(args.spec)
+    control = args.control or args.replica / "control.sock"
+    result = asyncio.run(main(spec=spec, replica_dir=args.replica,
+                              listen=Endpoint.parse(args.listen), sec=_sec(args),
+                              control=control, accel=args.accel,
+                              status=StatusLine(json_mode=args.json)))
+    if not args.json:
+        print(f"promoted: epoch {result['epoch']} running in {result['total_ms']:.1f} ms "
+              f"(QEMU pid {result['pid']})")
+    return 0
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    """Ask a shadow agent to promote now."""
+    import asyncio
+
+    from ..agents.control import request
+
+    answer = asyncio.run(request(args.control, "promote"))
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        print(f"promoted epoch {answer['epoch']}: running in {answer['total_ms']:.1f} ms "
+              f"(load {answer['load_ms']:.1f} ms, QEMU pid {answer['pid']})", file=sys.stdout)
+    return 0
