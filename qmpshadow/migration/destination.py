@@ -99,6 +99,7 @@ class Destination:
         self._qmp: QmpControl | None = None
         self._log_offset = 0
         self.detached = False
+        self.killed = False  # by kill(), rather than exiting on its own
 
     @property
     def pid(self) -> int | None:
@@ -217,6 +218,7 @@ class Destination:
         if proc is None:
             return None
         if proc.poll() is None:
+            self.killed = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout

@@ -424,9 +424,12 @@ class _Migration:
                                  "the source completed")
                 with contextlib.suppress(QmpTimeoutError):
                     await dsub.get(timeout=0.01)
-            if not st.running:
+            if not st.running and self.was_running:
                 await qmp.cont(timeout=_QMP_TIMEOUT)
                 self.dest_contd = True
+            elif not st.running:
+                self.note("destination left paused: the source was paused when the "
+                          "migration started (cont it to run the guest)")
             self.committed = True
             resume = await self._resume_time(dsub, qmp) if self.dest_contd else None
         wall_ms = (time.monotonic() - t0) * 1000
@@ -503,8 +506,11 @@ class _Migration:
                 "recover with migrate-recover on the destination and migrate with resume=true "
                 "on the source; otherwise the guest is lost") from exc
         if self.committed:
-            # the guest runs on the destination: never undo that
+            # the destination took over: never undo that
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                self.note("interrupted after the destination took over: the guest runs on "
+                          f"the destination (QMP {self.target.run.qmp_sock}); the source is "
+                          "paused (postmigrate)")
                 return
             raise exc
         if self.dest is None and not isinstance(exc, _Abort) and isinstance(
@@ -519,6 +525,11 @@ class _Migration:
             raise exc
         if isinstance(exc, _Abort):
             reason = exc.reason
+            dest = self.dest
+            if dest is not None and not dest.killed and dest.poll() is not None:
+                tail = dest.stderr_tail(3).replace("\n", " | ")
+                if tail:
+                    reason += f" (its log {dest.run.stderr_log} ends: {tail})"
         elif isinstance(exc, QmpShadowError):
             reason = f"while {self.phase}: {exc}"
         else:

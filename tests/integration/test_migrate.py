@@ -180,3 +180,25 @@ async def test_cli_json_and_quit(launch_vm: LaunchVm, short_tmp: Path, tcg: Acce
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_paused_source_stays_paused_at_the_destination(
+        launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice,
+        results: list[MigrationResult]) -> None:
+    spec = dirtier_spec("paused")
+    vm = await _boot(launch_vm, spec, tcg)
+    await vm.qmp.stop()
+    notes: list[str] = []
+    run = RunPaths.create(short_tmp / "dst")
+    result = await migrate(vm.run.qmp2_sock, MigrationTarget(spec, run), on_note=notes.append)
+    results.append(result)
+    assert any("destination left paused" in n for n in notes), notes
+    assert result.stats.guest_pause_ms is None
+    from qmpshadow.qmp.control import QmpControl
+
+    async with await QmpControl.open(run.qmp2_sock) as dst:
+        assert (await dst.query_status()).status == "paused"
+        await dst.cont()
+    src_last = last_counter(vm.run.serial_log)
+    assert src_last is not None
+    await guest_continues(run.serial_log, after=src_last.counter, loops=20)
