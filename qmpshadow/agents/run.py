@@ -172,7 +172,8 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
         await standby.wait_ready(60)
         lst = await listener(listen, sec)
         agent = ShadowAgent(listener=lst, replica=replica, machine_type=standby.machine_type,
-                            name=spec.name, on_status=status)
+                            name=spec.name, on_status=status,
+                            on_commit=lambda: standby.prepare(replica))
 
         async def do_status(_req: dict[str, Any]) -> dict[str, Any]:
             assert agent is not None

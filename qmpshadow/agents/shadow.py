@@ -40,12 +40,16 @@ class ShadowAgent:
     """Receives epochs into ``replica``; see the module docstring."""
 
     def __init__(self, *, listener: Listener, replica: Replica, machine_type: str | None,
-                 name: str = "", on_status: StatusFn | None = None) -> None:
+                 name: str = "", on_status: StatusFn | None = None,
+                 on_commit: Callable[[], object] | None = None) -> None:
+        """``on_commit`` runs after each commit, before the ack (e.g. the standby's
+        ``prepare`` so that the promotion stream is built off the failover path)."""
         self.listener = listener
         self.replica = replica
         self.machine_type = machine_type
         self.name = name
         self.on_status = on_status
+        self.on_commit = on_commit
         self.link: Link | None = None
         self._session: bytes | None = None
         self._task: asyncio.Task[None] | None = None
@@ -129,6 +133,14 @@ class ShadowAgent:
                         if done is not None:
                             replica.commit(done)
                             self.epochs_committed += 1
+                            if self.on_commit is not None:
+                                try:
+                                    self.on_commit()
+                                except QmpShadowError as exc:  # promotion would fail too
+                                    log.error("committed epoch %d is not promotable: %s",
+                                              done.epoch, exc)
+                                    self._emit(event="not-promotable", epoch=done.epoch,
+                                               reason=str(exc))
                             await link.send_frame(Ack(generation=done.generation,
                                                       epoch=done.epoch, digest=done.digest))
                             self._emit(event="committed", epoch=done.epoch,

@@ -84,13 +84,16 @@ class SourceAgent:
 
     def __init__(self, *, connect: Connect, page_size: int, main_pages: int,
                  generation: int = 1, keep_mirror: bool = False, wait_ack: bool = False,
-                 ack_timeout: float = 5.0, cache_bytes: int = 64 << 20,
+                 ack_timeout: float = 5.0, cache_bytes: int | None = None,
                  compress_level: int | None = None, name: str = "",
                  on_status: StatusFn | None = None) -> None:
         self.connect = connect
         self.generation = generation
+        # A cache as large as the RAM makes every re-dirtied page a DELTA candidate; a
+        # smaller direct-mapped one loses pages whose slots collide (configurable).
         self.encoder = EpochEncoder(page_size=page_size, main_pages=main_pages,
-                                    generation=generation, cache_bytes=cache_bytes,
+                                    generation=generation,
+                                    cache_bytes=cache_bytes or main_pages * page_size,
                                     compress_level=compress_level)
         self.mirror = Mirror() if keep_mirror else None
         self.wait_ack = wait_ack
