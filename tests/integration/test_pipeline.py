@@ -15,6 +15,8 @@ from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import MemorySpec, VmSpec
 from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
 from qmpshadow.shadow.replica import Replica
+from qmpshadow.source.colo import ColoSource
+from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
 from qmpshadow.transport import local
 from tests.integration.conftest import LaunchVm
@@ -89,3 +91,56 @@ async def test_shared_ram_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: 
         await listener.close()
         replica.close()
     assert os.path.getsize(replica.ram_path) >= MIB << 20
+
+
+async def test_colo_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
+                                          kvm: AccelChoice) -> None:
+    """COLO sync mode: the primary waits for our answer, so while the sink holds an epoch
+    (after the shadow committed it) the primary is still in that checkpoint."""
+    spec = VmSpec(name="cp", memory=MemorySpec(size_mib=MIB), kernel=guest_kernel_path(),
+                  kernel_args=kernel_args(pages=16, region_mib=2, delay_us=1000,
+                                          pattern="text", print_ms=100))
+    vm = await launch_vm(spec, accel=kvm, start_timeout=30)
+    await wait_for_counter(vm.run.serial_log, timeout=90)
+    replica = Replica.open(short_tmp / "replica", durable=False)
+    listener = await local.listen(short_tmp / "link.sock")
+    shadow = ShadowAgent(listener=listener, replica=replica, machine_type="pc-i440fx-7.2")
+    serve = asyncio.create_task(shadow.serve())
+    agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
+                        page_size=PS, main_pages=(MIB << 20) // PS, keep_mirror=True,
+                        wait_ack=True)
+    checked: list[int] = []
+    done = asyncio.Event()
+
+    async def sink(ep: CapturedEpoch) -> None:
+        await agent.ship(ep)
+        assert replica.committed_epoch == ep.number
+        if ep.number > 1 and len(checked) < 3:
+            dump = short_tmp / f"c{ep.number}.ram"
+            await vm.qmp.pmemsave(0, MIB << 20, str(dump))
+            with open(replica.ram_path, "rb") as f:
+                ram = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                raw = dump.read_bytes()
+                bad = [o for o in range(0, MIB << 20, PS)
+                       if not 0xA0000 <= o < 0x100000 and ram[o : o + PS] != raw[o : o + PS]]
+                ram.close()
+            assert not bad, (ep.number, len(bad))
+            checked.append(ep.number)
+        if len(checked) >= 3:
+            done.set()
+
+    src = ColoSource(vm.qmp, main_block="pc.ram", sock_path=short_tmp / "c.sock", sink=sink,
+                     ack_mode="sync", checkpoint_delay_ms=200)
+    task = asyncio.create_task(src.run())
+    try:
+        await asyncio.wait_for(done.wait(), 120)
+        assert task.done() is False
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await agent.close()
+        serve.cancel()
+        await shadow.stop()
+        await listener.close()
+        replica.close()
+    await vm.qmp.execute("x-colo-lost-heartbeat")
