@@ -4,8 +4,6 @@ resynchronised with a full epoch, and the replica never holds one bad byte."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import mmap
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,21 @@ import pytest
 from qmpshadow.agents.shadow import ShadowAgent
 from qmpshadow.agents.source import SourceAgent
 from qmpshadow.qemu.accel import AccelChoice
-from qmpshadow.qemu.spec import MemorySpec, VmSpec
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
+from qmpshadow.qemu.testguest import wait_for_counter
 from qmpshadow.shadow.replica import Replica
 from qmpshadow.source.shared_ram import SharedRamSource
 from qmpshadow.transport import tcp
 from tests.integration.conftest import LaunchVm
+from tests.integration.shadowkit import (
+    MIB,
+    PS,
+    checkpoint_with_dump,
+    differing_pages,
+    dirtier_spec,
+    read_file_ram,
+)
 
 pytestmark = [pytest.mark.qemu]
-MIB = 64
-PS = 4096
 
 
 class FlippingRelay:
@@ -70,12 +73,8 @@ class FlippingRelay:
 async def test_bit_flips_are_refused_and_resynced(launch_vm: LaunchVm, short_tmp: Path,
                                                   tcg: AccelChoice) -> None:
     mem_path = short_tmp / "p.ram"
-    spec = VmSpec(name="bf", memory=MemorySpec(size_mib=MIB, backend="file", backend_id="mem",
-                                               mem_path=mem_path),
-                  kernel=guest_kernel_path(),
-                  kernel_args=kernel_args(pages=32, region_mib=8, delay_us=500,
-                                          pattern="text", print_ms=100))
-    vm = await launch_vm(spec, accel=tcg)
+    vm = await launch_vm(dirtier_spec("bf", mem_path=mem_path, pages=32, delay_us=500),
+                         accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
     replica = Replica.open(short_tmp / "replica", durable=False)
     listener = await tcp.listen("127.0.0.1", 0, insecure_loopback=True)
@@ -95,30 +94,16 @@ async def test_bit_flips_are_refused_and_resynced(launch_vm: LaunchVm, short_tmp
     try:
         for n in range(1, 9):
             await agent.prepare()
-            held, release = asyncio.Event(), asyncio.Event()
             dump = short_tmp / f"d{n}.ram"
-
-            async def snap(held: asyncio.Event = held, release: asyncio.Event = release,
-                           dump: Path = dump) -> None:
-                await held.wait()
-                await vm.qmp.pmemsave(0, MIB << 20, str(dump))
-                release.set()
-
-            t = asyncio.create_task(snap())
             before = replica.committed_epoch
-            ep = await src.checkpoint(full=agent.need_full, held=held, release=release)
-            await t
+            ep = await checkpoint_with_dump(src, vm, dump, full=agent.need_full)
             await agent.ship(ep)
             after = replica.committed_epoch
             assert after >= before  # never goes backwards
             committed_seen.append(after)
             if after == n:  # this epoch committed: the replica must equal the primary
-                with open(replica.ram_path, "rb") as f, contextlib.closing(
-                        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)) as ram:
-                    raw = dump.read_bytes()
-                    bad = [o for o in range(0, MIB << 20, PS) if not 0xA0000 <= o < 0x100000
-                           and ram[o : o + PS] != raw[o : o + PS]]
-                    assert not bad, (n, len(bad))
+                bad = differing_pages(read_file_ram(replica.ram_path), dump)
+                assert not bad, (n, len(bad))
             else:
                 assert after == before, "a refused epoch must leave the replica as it was"
             dump.unlink()

@@ -11,26 +11,20 @@ from qmpshadow.frames.codec import apply_pages
 from qmpshadow.frames.epoch import EpochAssembler, EpochComplete
 from qmpshadow.frames.wire import DecoderState, DeviceState, FrameDecoder, Pages, SmallBlock
 from qmpshadow.qemu.accel import AccelChoice
-from qmpshadow.qemu.spec import MemorySpec, VmSpec
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
+from qmpshadow.qemu.testguest import wait_for_counter
 from qmpshadow.source.encoder import EpochEncoder
 from qmpshadow.source.shared_ram import SharedRamSource
 from tests.integration.conftest import LaunchVm
+from tests.integration.shadowkit import MIB, PS, checkpoint_with_dump, differing_pages, dirtier_spec
 
 pytestmark = [pytest.mark.qemu]
-MIB = 64
-PS = 4096
 
 
 async def test_shared_ram_frames_rebuild_ram(launch_vm: LaunchVm, short_tmp: Path,
                                              tcg: AccelChoice) -> None:
     mem_path = short_tmp / "p.ram"
-    spec = VmSpec(name="lb", memory=MemorySpec(size_mib=MIB, backend="file", backend_id="mem",
-                                               mem_path=mem_path),
-                  kernel=guest_kernel_path(),
-                  kernel_args=kernel_args(pages=32, region_mib=8, delay_us=500,
-                                          pattern="text", print_ms=100))
-    vm = await launch_vm(spec, accel=tcg)
+    vm = await launch_vm(dirtier_spec("lb", mem_path=mem_path, pages=32, delay_us=500),
+                         accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
     src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
                           sock_path=short_tmp / "d.sock")
@@ -42,18 +36,8 @@ async def test_shared_ram_frames_rebuild_ram(launch_vm: LaunchVm, short_tmp: Pat
     small: dict[tuple[int, int], bytes] = {}
     try:
         for n in range(1, 5):
-            held, release = asyncio.Event(), asyncio.Event()
             dump = short_tmp / f"d{n}.ram"
-
-            async def snap(held: asyncio.Event = held, release: asyncio.Event = release,
-                           dump: Path = dump) -> None:
-                await held.wait()
-                await vm.qmp.pmemsave(0, MIB << 20, str(dump))
-                release.set()
-
-            t = asyncio.create_task(snap())
-            ep = await src.checkpoint(held=held, release=release)
-            await t
+            ep = await checkpoint_with_dump(src, vm, dump)
             bufs, stats = enc.encode(ep)
             wire = b"".join(bytes(b) for frame in bufs for b in frame)
             assert len(wire) == stats.wire_bytes
@@ -70,8 +54,7 @@ async def test_shared_ram_frames_rebuild_ram(launch_vm: LaunchVm, short_tmp: Pat
                 done = asm.feed(fr) or done
             assert done is not None and done.epoch == n
             assert device == ep.device_state
-            raw = dump.read_bytes()
-            assert image[:0xA0000] == raw[:0xA0000] and image[0x100000:] == raw[0x100000:]
+            assert not differing_pages(image, dump)
             if n > 1:
                 assert stats.delta > 0 and stats.wire_bytes < stats.raw_bytes / 2, stats
             await asyncio.sleep(0.2)

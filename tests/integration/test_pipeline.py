@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 from pathlib import Path
 
@@ -12,18 +11,23 @@ import pytest
 from qmpshadow.agents.shadow import ShadowAgent
 from qmpshadow.agents.source import SourceAgent
 from qmpshadow.qemu.accel import AccelChoice
-from qmpshadow.qemu.spec import MemorySpec, VmSpec
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
+from qmpshadow.qemu.testguest import wait_for_counter
 from qmpshadow.shadow.replica import Replica
 from qmpshadow.source.colo import ColoSource
 from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
 from qmpshadow.transport import local
 from tests.integration.conftest import LaunchVm
+from tests.integration.shadowkit import (
+    MIB,
+    PS,
+    checkpoint_with_dump,
+    differing_pages,
+    dirtier_spec,
+    read_file_ram,
+)
 
 pytestmark = [pytest.mark.qemu]
-MIB = 64
-PS = 4096
 
 
 async def _wait(pred: object, timeout: float = 20.0) -> None:
@@ -38,12 +42,8 @@ async def _wait(pred: object, timeout: float = 20.0) -> None:
 async def test_shared_ram_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
                                                 tcg: AccelChoice) -> None:
     mem_path = short_tmp / "p.ram"
-    spec = VmSpec(name="pl", memory=MemorySpec(size_mib=MIB, backend="file", backend_id="mem",
-                                               mem_path=mem_path),
-                  kernel=guest_kernel_path(),
-                  kernel_args=kernel_args(pages=32, region_mib=8, delay_us=500,
-                                          pattern="text", print_ms=100))
-    vm = await launch_vm(spec, accel=tcg)
+    vm = await launch_vm(dirtier_spec("pl", mem_path=mem_path, pages=32, delay_us=500),
+                         accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
     replica = Replica.open(short_tmp / "replica", durable=False)
     listener = await local.listen(short_tmp / "link.sock")
@@ -57,28 +57,13 @@ async def test_shared_ram_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: 
     try:
         for n in range(1, 5):
             await agent.prepare()
-            held, release = asyncio.Event(), asyncio.Event()
             dump = short_tmp / f"d{n}.ram"
-
-            async def snap(held: asyncio.Event = held, release: asyncio.Event = release,
-                           dump: Path = dump) -> None:
-                await held.wait()
-                await vm.qmp.pmemsave(0, MIB << 20, str(dump))
-                release.set()
-
-            t = asyncio.create_task(snap())
-            ep = await src.checkpoint(full=agent.need_full, held=held, release=release)
-            await t
+            ep = await checkpoint_with_dump(src, vm, dump, full=agent.need_full)
             await agent.ship(ep)
             assert agent.stats.committed == n, agent.stats
             assert replica.committed_epoch == n
-            with open(replica.ram_path, "rb") as f:
-                ram = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-                raw = dump.read_bytes()
-                bad = [hex(o) for o in range(0, MIB << 20, PS)
-                       if not 0xA0000 <= o < 0x100000 and ram[o : o + PS] != raw[o : o + PS]]
-                assert not bad, (n, len(bad), bad[:8])
-                ram.close()
+            bad = differing_pages(read_file_ram(replica.ram_path), dump)
+            assert not bad, (n, len(bad), bad[:8])
             assert replica.device_state is not None
             await asyncio.sleep(0.2)
         last = agent.stats.last
@@ -97,10 +82,7 @@ async def test_colo_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
                                           kvm: AccelChoice) -> None:
     """COLO sync mode: the primary waits for our answer, so while the sink holds an epoch
     (after the shadow committed it) the primary is still in that checkpoint."""
-    spec = VmSpec(name="cp", memory=MemorySpec(size_mib=MIB), kernel=guest_kernel_path(),
-                  kernel_args=kernel_args(pages=16, region_mib=2, delay_us=1000,
-                                          pattern="text", print_ms=100))
-    vm = await launch_vm(spec, accel=kvm, start_timeout=30)
+    vm = await launch_vm(dirtier_spec("cp", region_mib=2), accel=kvm, start_timeout=30)
     await wait_for_counter(vm.run.serial_log, timeout=90)
     replica = Replica.open(short_tmp / "replica", durable=False)
     listener = await local.listen(short_tmp / "link.sock")
@@ -118,12 +100,7 @@ async def test_colo_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
         if ep.number > 1 and len(checked) < 3:
             dump = short_tmp / f"c{ep.number}.ram"
             await vm.qmp.pmemsave(0, MIB << 20, str(dump))
-            with open(replica.ram_path, "rb") as f:
-                ram = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-                raw = dump.read_bytes()
-                bad = [o for o in range(0, MIB << 20, PS)
-                       if not 0xA0000 <= o < 0x100000 and ram[o : o + PS] != raw[o : o + PS]]
-                ram.close()
+            bad = differing_pages(read_file_ram(replica.ram_path), dump)
             assert not bad, (ep.number, len(bad))
             checked.append(ep.number)
         if len(checked) >= 3:

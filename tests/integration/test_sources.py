@@ -10,22 +10,20 @@ import pytest
 from qmpshadow.errors import AccelError
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.process import QemuProcess
-from qmpshadow.qemu.spec import MemorySpec, VmSpec
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, wait_for_counter
+from qmpshadow.qemu.testguest import wait_for_counter
 from qmpshadow.source.colo import ColoSource
 from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
 from tests.integration.conftest import LaunchVm
+from tests.integration.shadowkit import (
+    MIB,
+    PS,
+    checkpoint_with_dump,
+    differing_pages,
+    dirtier_spec,
+)
 
 pytestmark = [pytest.mark.qemu]
-MIB = 64
-PS = 4096
-
-
-def _spec(name: str, mem: MemorySpec) -> VmSpec:
-    return VmSpec(name=name, memory=mem, kernel=guest_kernel_path(),
-                  kernel_args=kernel_args(pages=16, region_mib=8, delay_us=1000,
-                                          pattern="text", print_ms=100))
 
 
 def _apply(image: bytearray, ep: CapturedEpoch) -> None:
@@ -34,19 +32,13 @@ def _apply(image: bytearray, ep: CapturedEpoch) -> None:
 
 
 def _same_as_dump(image: bytearray, dump: Path) -> None:
-    raw = dump.read_bytes()
-    assert len(raw) == len(image)
-    # 0xa0000-0xfffff is VGA/ROM space in a pmemsave, not the RAM block
-    assert image[:0xA0000] == raw[:0xA0000]
-    assert image[0x100000:] == raw[0x100000:]
+    assert not differing_pages(image, dump)
 
 
 async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
                                                 tcg: AccelChoice) -> None:
     mem_path = short_tmp / "primary.ram"
-    spec = _spec("sr", MemorySpec(size_mib=MIB, backend="file", backend_id="mem",
-                                  mem_path=mem_path))
-    vm: QemuProcess = await launch_vm(spec, accel=tcg)
+    vm: QemuProcess = await launch_vm(dirtier_spec("sr", mem_path=mem_path), accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
     src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
                           sock_path=short_tmp / "dev.sock")
@@ -54,18 +46,8 @@ async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: 
     image = bytearray(MIB << 20)
     try:
         for n in range(1, 6):
-            held, release = asyncio.Event(), asyncio.Event()
             dump = short_tmp / f"dump{n}.ram"
-
-            async def snapshot(held: asyncio.Event = held, release: asyncio.Event = release,
-                               dump: Path = dump) -> None:
-                await held.wait()
-                await vm.qmp.pmemsave(0, MIB << 20, str(dump))
-                release.set()
-
-            snap = asyncio.create_task(snapshot())
-            ep = await src.checkpoint(held=held, release=release)
-            await snap
+            ep = await checkpoint_with_dump(src, vm, dump)
             _apply(image, ep)
             assert ep.number == n and ep.full == (n == 1)
             _same_as_dump(image, dump)
@@ -84,7 +66,7 @@ async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: 
 
 async def test_colo_refuses_tcg(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice
                                 ) -> None:
-    vm = await launch_vm(_spec("ct", MemorySpec(size_mib=MIB)), accel=tcg)
+    vm = await launch_vm(dirtier_spec("ct"), accel=tcg)
 
     async def sink(ep: CapturedEpoch) -> None:
         raise AssertionError("no epoch expected")
@@ -98,7 +80,7 @@ async def test_colo_refuses_tcg(launch_vm: LaunchVm, short_tmp: Path, tcg: Accel
 @pytest.mark.parametrize("ack_mode", ["sync", "async"])
 async def test_colo_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
                                           kvm: AccelChoice, ack_mode: str) -> None:
-    vm = await launch_vm(_spec("co", MemorySpec(size_mib=MIB)), accel=kvm, start_timeout=30)
+    vm = await launch_vm(dirtier_spec("co"), accel=kvm, start_timeout=30)
     await wait_for_counter(vm.run.serial_log, timeout=90)
     image = bytearray(MIB << 20)
     checked: list[int] = []
