@@ -425,7 +425,9 @@ class StreamLink(Link):
                     await self._drain()
                 else:
                     for view in views:
-                        copy = not view.readonly  # the caller may reuse a mutable buffer
+                        # The transport may hold on to what it is given (TLS queues it): only
+                        # immutable bytes go in uncopied, so the caller may reuse its buffers.
+                        copy = not isinstance(view.obj, bytes)
                         for off in range(0, view.nbytes, WRITE_CHUNK):
                             if self._proto.lost or self._state in _ENDED:
                                 raise self._ended_error()
@@ -712,6 +714,13 @@ class StreamListener(Listener):
         async with self._cond:
             if self._closed:
                 link.abort()
+                return
+            if len(self._links) >= self._max_pending:
+                link.abort()
+                self._reject(TransportError(
+                    f"link from {link.peer} to {self.address} dropped: {self._max_pending} "
+                    "established links are already waiting for accept()"
+                ))
                 return
             self._links.append(link)
             self.stats.accepted += 1

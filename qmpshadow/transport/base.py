@@ -209,8 +209,8 @@ class Link(abc.ABC):
         plus one chunk). The caller may reuse its buffers once this returns. Raises
         ConfigError when ``data`` is not exactly one whole frame (nothing is sent);
         LinkClosedError, LinkDroppedError, LinkIntegrityError or the FrameError that ended
-        the link when it is not open. If cancelled, or if the link fails mid-frame, the link
-        is ended (a frame is never left half-sent on a link that stays open).
+        the link when it is not open. If cancelled part-way through a frame, the link is
+        aborted (LinkDroppedError): a frame is never left half-sent on a link that stays open.
         """
 
     @abc.abstractmethod

@@ -436,3 +436,22 @@ def test_case_table_is_extensible() -> None:
     assert {"tcp-tls", "tcp-insecure-loopback", "local"} <= set(CASES)
     assert all(issubclass(c, Case) for c in CASES.values())
     assert os.path.exists(REPO / "tests" / "transport" / "_peer.py")
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["bytearray", "readonly-view"])
+async def test_caller_may_reuse_buffers_once_send_returns(case: Case, readonly: bool) -> None:
+    """send() returns with bytes still queued (nobody reads yet); overwriting the caller's
+    buffer then must not change what the peer receives (the payload checksum would catch it).
+    The link copies every non-bytes piece, so this holds whatever the asyncio transport does
+    with what it is given (CPython 3.11's happen to copy too, so this guards the contract
+    rather than a failure seen here).
+    """
+    buf = bytearray(b"\x5a" * (3 << 19))
+    data = memoryview(buf).toreadonly() if readonly else buf
+    async with link_pair(case) as (client, server):
+        await client.send(encode_frame_parts(
+            DeviceState(generation=1, epoch=1, format=DeviceStateFormat.QEMU_SECTIONS,
+                        data=data)))
+        buf[:] = b"\xa5" * len(buf)
+        got = await server.receive()
+        assert isinstance(got, DeviceState) and got.data == b"\x5a" * (3 << 19)
