@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ class _Display:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(),
+                TextColumn("[bold]{task.description:<15}"), BarColumn(bar_width=12),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                 console=Console(file=sys.stderr), transient=False)
             self._bar.start()
@@ -152,12 +153,12 @@ class _Display:
 
         if self._bar is not None:
             mib = 1 << 20
-            info = (f"{p.transferred / mib:8.1f} MiB sent  {p.remaining / mib:7.1f} MiB left  "
-                    f"dirty {p.dirty_rate / mib:6.1f} MiB/s  pass {p.passes}")
+            info = (f"sent {p.transferred / mib:.1f}M left {p.remaining / mib:.1f}M "
+                    f"dirty {p.dirty_rate / mib:.1f}M/s pass {p.passes}")
             if p.expected_downtime_ms is not None:
-                info += f"  exp. downtime {p.expected_downtime_ms} ms"
+                info += f" exp.dt {p.expected_downtime_ms}ms"
             if p.throttle_percent:
-                info += f"  throttle {p.throttle_percent}%"
+                info += f" thr {p.throttle_percent}%"
             self._bar.update(self._task, completed=int(p.fraction * 1000),
                              description=p.status, info=info)
         elif not self.quiet:
@@ -187,10 +188,24 @@ def run(args: argparse.Namespace) -> int:
         from ..streamtools.record import relay_via
 
         via = relay_via(Path(args.record), run_dir)
+    async def main(display: _Display) -> Any:
+        # SIGTERM rolls back like Ctrl-C (a SIGKILL cannot: see docs/migration.md)
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await migrate(args.source, target, options, on_progress=display.progress,
+                                 on_note=display.note, via=via)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
     with _Display(args.quiet or (args.json and not sys.stderr.isatty())) as display:
-        result = asyncio.run(migrate(args.source, target, options,
-                                     on_progress=display.progress, on_note=display.note,
-                                     via=via))
+        try:
+            result = asyncio.run(main(display))
+        except asyncio.CancelledError:
+            print("qmpshadow: terminated", file=sys.stderr)
+            return 143
     if args.json:
         json.dump(result.stats.as_dict(), sys.stdout)
         sys.stdout.write("\n")

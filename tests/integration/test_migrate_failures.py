@@ -144,8 +144,12 @@ async def test_timeout_when_the_guest_outruns_the_link(launch_vm: LaunchVm, shor
     await _assert_source_runs_on(vm)
 
 
-async def test_ctrl_c_rolls_back(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice
-                                 ) -> None:
+@pytest.mark.parametrize(("sig", "code", "last_words"), [
+    (signal.SIGINT, 130, "qmpshadow: interrupted"),
+    (signal.SIGTERM, 143, "qmpshadow: terminated"),
+], ids=["ctrl-c", "sigterm"])
+async def test_ctrl_c_rolls_back(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice,
+                                 sig: signal.Signals, code: int, last_words: str) -> None:
     vm = await _source(launch_vm, tcg, "ctrlc")
     spec = short_tmp / "vm.toml"
     kernel = dirtier_spec("ctrlc", pattern="random")
@@ -165,14 +169,15 @@ async def test_ctrl_c_rolls_back(launch_vm: LaunchVm, short_tmp: Path, tcg: Acce
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"migration did not start: {info}")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     text = err.decode()
-    assert proc.returncode == 130, text
+    assert proc.returncode == code, text
+    assert text.rstrip().endswith(last_words), text
     assert "interrupted: rolled back: cancelled the migration on the source" in text, text
     assert "the source is running" in text, text
     assert not (dst / "qmp.sock").exists()
