@@ -282,7 +282,8 @@ class _Migration:
                 f"VM spec {spec.name!r}: memory.size_mib = {spec.memory.size_mib} but the "
                 f"source has {base >> 20} MiB of RAM; the spec must describe the running VM")
         caps_list = await src.execute("query-migrate-capabilities", timeout=_QMP_TIMEOUT)
-        self.current_caps = {c["capability"]: bool(c.get("state")) for c in caps_list
+        self.current_caps = {c["capability"]: bool(c.get("state"))
+                             for c in (caps_list if isinstance(caps_list, list) else [])
                              if isinstance(c, dict) and isinstance(c.get("capability"), str)}
         params = await src.execute("query-migrate-parameters", timeout=_QMP_TIMEOUT)
         self.current_params = params if isinstance(params, dict) else {}
