@@ -134,6 +134,7 @@ async def test_server_with_wrong_identity_is_refused(pki: Pki, server: tcp.TcpLi
     with pytest.raises(PeerAuthError, match=want):
         await tcp.connect("127.0.0.1", server.port, tls=pki.tls("source", "shadow-2"))
     await _settle(server)
+    assert "the client at" in str(server.stats.recent_rejections[-1])
     assert "refused this side" in str(server.stats.recent_rejections[-1])
 
 
@@ -144,6 +145,7 @@ async def test_server_from_another_ca_is_refused(pki: Pki) -> None:
     try:
         with pytest.raises(PeerAuthError, match="CERTIFICATE_VERIFY_FAILED"):
             await tcp.connect("127.0.0.1", lst.port, tls=pki.tls("source", "source"))
+        await _settle(lst)
     finally:
         await lst.close()
 
@@ -169,6 +171,7 @@ async def test_tls_client_to_plain_server(pki: Pki) -> None:
         with pytest.raises(PeerAuthError, match="WRONG_VERSION_NUMBER"):
             await tcp.connect("127.0.0.1", lst.port, tls=pki.tls("source", "shadow"))
         await _settle(lst)
+        assert "it looks like TLS" in str(lst.stats.recent_rejections[-1])
     finally:
         await lst.close()
 
