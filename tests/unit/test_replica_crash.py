@@ -81,7 +81,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, Sna
 def test_step_names(scenario: tuple[Path, bytes, Snapshot, Snapshot, list[str]]) -> None:
     steps = scenario[4]
     assert steps[:3] == ["commit:begin", "commit:record-written", "commit:record-synced"]
-    assert steps[-4:] == ["commit:state-renamed", "commit:data-synced",
+    assert steps[-4:] == ["commit:state-written", "commit:data-synced",
                           "commit:journal-truncated", "commit:done"]
     assert "commit:device-state-written" in steps
     assert sum(s.startswith("commit:applied:") for s in steps) >= 5
@@ -173,7 +173,7 @@ def test_kill_during_recovery(
         Replica.open(d, step_hook=_killer(applied[-1]))
 
     def third() -> None:
-        Replica.open(d, step_hook=_killer("commit:state-renamed"))
+        Replica.open(d, step_hook=_killer("commit:state-written"))
 
     for body in (first, second, third):
         assert _in_child(body) == signal.SIGKILL
