@@ -36,7 +36,10 @@ MAX_PATH_BYTES = 107
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of the process on the other end of a unix socket (SO_PEERCRED)."""
+    """``(pid, uid, gid)`` of the process on the other end of a unix socket (SO_PEERCRED).
+
+    Raises OSError when ``sock`` is not a connected unix socket.
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid

@@ -130,11 +130,17 @@ class TlsConfig:
         return ctx
 
     def server_context(self) -> ssl.SSLContext:
-        """TLS 1.3 server context that requires and verifies a client certificate."""
+        """TLS 1.3 server context that requires and verifies a client certificate.
+
+        Raises ConfigError when the CA bundle, certificate or key cannot be loaded.
+        """
         return self._context(ssl.Purpose.CLIENT_AUTH)
 
     def client_context(self) -> ssl.SSLContext:
-        """TLS 1.3 client context that verifies the server's certificate."""
+        """TLS 1.3 client context that verifies the server's certificate.
+
+        Raises ConfigError when the CA bundle, certificate or key cannot be loaded.
+        """
         return self._context(ssl.Purpose.SERVER_AUTH)
 
 

@@ -2,8 +2,8 @@
 
 Usage: ``python -m tests.transport._peer SPEC_JSON MODE``. Connects as SPEC says (see
 cases.Case.peer_spec), sends EPOCH_BEGIN and two PAGES frames of epoch 1, prints ``sent``,
-then in MODE ``mid-frame`` starts a 32 MiB DEVICE_STATE frame (printing ``big`` first; the
-receiver does not read, so the send blocks part-way) or in MODE ``between-frames`` just
+then in MODE ``mid-frame`` starts a 32 MiB DEVICE_STATE frame and prints ``blocked`` once
+the send is stuck part-way (the receiver does not read), or in MODE ``between-frames`` just
 waits. Either way it waits to be killed.
 """
 
@@ -31,8 +31,15 @@ async def main(spec: dict[str, object], mode: str) -> None:
         await link.send(w.pages(0, len(idx), encode_pages(idx, ram, PS)))
     print("sent", flush=True)
     if mode == "mid-frame":
-        print("big", flush=True)
-        await link.send(w.device_state(DeviceStateFormat.QEMU_SECTIONS, bytes(32 << 20)))
+        big = asyncio.create_task(
+            link.send(w.device_state(DeviceStateFormat.QEMU_SECTIONS, bytes(32 << 20))))
+        # Blocked part-way: the transport holds a full write buffer of the frame, and what
+        # preceded it went to the kernel (a test peeks at the link's protocol for this).
+        async with asyncio.timeout(20):
+            while not link._proto.write_paused:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.005)
+        print("blocked", flush=True)
+        await big
         print("big-done", flush=True)  # only if the receiver read it all: a test failure
     await asyncio.sleep(3600)
 

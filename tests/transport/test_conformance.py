@@ -261,8 +261,7 @@ async def test_peer_killed_mid_epoch(case: Case, mode: str) -> None:
             assert asm.feed(await link.receive()) is None
         await _wait_line(proc, "sent")
         if mode == "mid-frame":
-            await _wait_line(proc, "big")
-            await asyncio.sleep(0.3)  # the 32 MiB frame is part-way out, then blocked
+            await _wait_line(proc, "blocked")  # the 32 MiB frame is part-way out
         proc.send_signal(signal.SIGKILL)
         await asyncio.get_running_loop().run_in_executor(None, proc.wait)
         with pytest.raises(TransportError) as info:
