@@ -5,6 +5,7 @@ A peer whose certificate another CA signed is refused. Then kill -9 and promote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qmpshadow.qemu.accel import AccelChoice
-from qmpshadow.qemu.spec import MemorySpec, VmSpec
+from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.qemu.testguest import (
     guest_kernel_path,
     kernel_args,
@@ -49,10 +50,8 @@ mem_path = "{mem_path}"
 def _events(proc_out: Path) -> list[dict[str, object]]:
     out = []
     for line in proc_out.read_text().splitlines():
-        try:
+        with contextlib.suppress(ValueError):
             out.append(json.loads(line))
-        except ValueError:
-            pass
     return out
 
 
