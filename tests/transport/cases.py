@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpshadow.errors import FrameChecksumError
-from qmpshadow.transport import Link, LinkOptions, Listener, local, tcp
+from qmpshadow.transport import Link, LinkOptions, Listener, local, rdma, tcp
 from qmpshadow.transport.errors import LinkIntegrityError
 
 #: An address a case can connect to: (host, port) for TCP, a path for unix sockets.
@@ -129,8 +129,38 @@ class Local(Case):
         return {"kind": "local", "path": address}
 
 
-#: name -> Case class. An "rdma" entry goes here, with available() checking for a device.
-CASES: dict[str, type[Case]] = {c.name: c for c in (TcpTls, TcpInsecure, Local)}
+class Rdma(Case):
+    """RC queue pair (pyverbs) with a mutual-TLS control link. Runs where an RDMA device is
+    active: inside the soft-RoCE guest (tests/rdma/test_in_guest.py); skipped elsewhere.
+    """
+
+    name = "rdma"
+    relay_kind = None  # RDMA writes go NIC to NIC: no byte relay can sit in the middle
+    encrypted = False  # the control link is TLS, the RDMA data path is not encrypted
+
+    def available(self) -> str | None:
+        reason = rdma.available()
+        if reason:
+            return f"{reason}; it runs inside the soft-RoCE guest (tests/rdma/test_in_guest.py)"
+        return None
+
+    async def listen(self, options: LinkOptions | None = None) -> Listener:
+        return await rdma.listen("127.0.0.1", 0, tls=self.pki.tls("shadow", "source"),
+                                 options=options)
+
+    def address(self, listener: Listener) -> Address:
+        assert isinstance(listener, rdma.RdmaListener)
+        return (listener.host, listener.port)
+
+    async def connect(self, address: Address, options: LinkOptions | None = None) -> Link:
+        return await rdma.connect(*address, tls=self.pki.tls("source", "shadow"), options=options)
+
+    def peer_spec(self, address: Address) -> dict[str, Any]:
+        return {"kind": "rdma", "host": address[0], "port": address[1], "pki": str(self.pki.dir)}
+
+
+#: name -> Case class.
+CASES: dict[str, type[Case]] = {c.name: c for c in (TcpTls, TcpInsecure, Local, Rdma)}
 
 
 async def connect_spec(spec: dict[str, Any], options: LinkOptions | None = None) -> Link:
@@ -144,6 +174,9 @@ async def connect_spec(spec: dict[str, Any], options: LinkOptions | None = None)
                                  options=options)
     if kind == "local":
         return await local.connect(spec["path"], options=options)
+    if kind == "rdma":
+        tls = tcp.TlsConfig.from_dir(spec["pki"], name="source", peers="shadow")
+        return await rdma.connect(spec["host"], spec["port"], tls=tls, options=options)
     raise ValueError(f"unknown transport kind {kind!r}")
 
 
