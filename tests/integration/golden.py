@@ -44,6 +44,28 @@ async def _wait_migration(qmp: QmpControl, timeout: float) -> dict[str, object]:
         await asyncio.sleep(0.05)
 
 
+async def _receive_to_file(sock: Path, dest: Path) -> tuple[asyncio.AbstractServer,
+                                                             asyncio.Future[int]]:
+    """Listen on ``sock`` for one migration and write it to ``dest`` until EOF.
+
+    (``exec:cat > FILE`` is not used: QEMU reports completed before cat has finished.)
+    """
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        with dest.open("wb") as f:
+            while chunk := await reader.read(1 << 20):
+                f.write(chunk)
+                n += len(chunk)
+        writer.close()
+        if not done.done():
+            done.set_result(n)
+
+    server = await asyncio.start_unix_server(handle, str(sock))
+    return server, done
+
+
 async def record(name: str, out: Path, *, accel: str, ignore_shared: bool = False,
                  xbzrle: bool = False) -> Golden:
     """Record one golden stream into ``out``."""
@@ -68,7 +90,8 @@ async def record(name: str, out: Path, *, accel: str, ignore_shared: bool = Fals
         if xbzrle:  # slow first passes so dirty pages are re-sent through the cache
             await qmp.migrate_set_parameters(max_bandwidth=1 << 20)
         blocks = [(b.idstr, b.used_length) for b in await qmp.info_ramblock()]
-        await qmp.migrate(f"exec:cat > {stream}")
+        server, received = await _receive_to_file(run.root / "mig.sock", stream)
+        await qmp.migrate(f"unix:{run.root / 'mig.sock'}")
         if xbzrle:
             deadline = time.monotonic() + 60
             while True:
@@ -81,6 +104,8 @@ async def record(name: str, out: Path, *, accel: str, ignore_shared: bool = Fals
         status = await _wait_migration(qmp, 120)
         if status.get("status") != "completed":
             raise RuntimeError(f"recording {name} failed: {status}")
+        await asyncio.wait_for(received, 60)
+        server.close()
         dump = None
         if not ignore_shared:
             dump = out / f"{name}.ram"

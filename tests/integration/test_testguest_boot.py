@@ -319,7 +319,14 @@ async def test_live_migration_carries_on(kernel: Path, workdir: Path) -> None:
                 await asyncio.sleep(0.05)
             took = time.monotonic() - t0
             last_src = src.counters()[-1].counter
-            after = await wait_counter(dst, timeout=15)
+            # "completed" is the source's view: wait for the destination to load and run
+            # (slow on a loaded 2-core host), and say what it did if it does not
+            deadline = time.monotonic() + 60
+            while (await qdst.execute("query-status"))["status"] != "running":
+                assert time.monotonic() < deadline, (
+                    await qdst.execute("query-status"), await qdst.execute("query-migrate"))
+                await asyncio.sleep(0.05)
+            after = await wait_counter(dst, timeout=30)
             assert after.counter > last_src  # continues from the source's RAM
             final = await wait_counter(dst, above=after.counter + 2 * ROTATION)
             status_dst = await qdst.execute("query-status")
