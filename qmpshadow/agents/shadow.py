@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FrameError, QmpShadowError
@@ -164,5 +164,3 @@ class ShadowAgent:
             if self.link is link:
                 self.link = None
 
-
-PromoteFn = Callable[[], Awaitable[dict[str, Any]]]

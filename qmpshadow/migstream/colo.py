@@ -10,7 +10,7 @@ bytes to write back. Holding an answer back (``sync`` ack mode) is the caller's 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import StreamFormatError
 from ._input import Input
@@ -32,7 +32,6 @@ class ColoSecondary:
 
     ready_sent: bool = False
     checkpoints: int = 0
-    _in_checkpoint: bool = field(default=False, repr=False)
 
     def on_event(self, ev: Event, *, colo_enabled: bool) -> list[ColoMessage]:
         """Return-path messages that ``ev`` calls for (empty for most events)."""
@@ -40,11 +39,9 @@ class ColoSecondary:
             self.ready_sent = True
             return [ColoMessage.CHECKPOINT_READY]
         if isinstance(ev, ColoMessageEvent) and ev.message == ColoMessage.CHECKPOINT_REQUEST:
-            self._in_checkpoint = True
             return [ColoMessage.CHECKPOINT_REPLY]
         if isinstance(ev, ColoVmstate):
             self.checkpoints += 1
-            self._in_checkpoint = False
             return [ColoMessage.VMSTATE_RECEIVED, ColoMessage.VMSTATE_LOADED]
         return []
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, QmpShadowError, StreamFormatError
+from ..errors import ConfigError, QmpShadowError
 from ..migstream import StreamParser
 from ..migstream.colo import ColoSecondary, encode_colo
 from ..migstream.events import ColoVmstate, EndOfStream, Event, _NeedData
@@ -195,4 +195,4 @@ def format_human(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StreamFormatError", "format_human", "inspect_file", "inspect_unix", "parse_source"]
+__all__ = ["format_human", "inspect_file", "inspect_unix", "parse_source"]
