@@ -150,7 +150,8 @@ class PortInfo:
 
 def gid_text(gid: bytes) -> str:
     """A GID as an IPv6 address (IPv4-mapped ones print as ::ffff:a.b.c.d)."""
-    return str(ipaddress.IPv6Address(gid))
+    addr = ipaddress.IPv6Address(gid)
+    return f"::ffff:{addr.ipv4_mapped}" if addr.ipv4_mapped else str(addr)
 
 
 def _read(path: Path) -> str:
@@ -203,37 +204,54 @@ def find_port(device: str | None = None, port: int = 1, gid_index: int | None = 
     raise _no_device("no usable RDMA port: " + "; ".join(problems))
 
 
-def _choose_gid(pdir: Path, gid_index: int | None, link_layer: str) -> tuple[int, bytes]:
-    gids = pdir / "gids"
-    types = pdir / "gid_attrs" / "types"
-    entries: list[tuple[int, bytes, str]] = []
+def _gid_at(pdir: str, i: int) -> bytes | None:
+    """The GID at index ``i`` (None when empty or unreadable)."""
     try:
-        indices = sorted(int(p.name) for p in gids.iterdir())
-    except (OSError, ValueError):
-        indices = []
-    for i in indices:
-        text = _read(gids / str(i))
-        try:
-            raw = socket.inet_pton(socket.AF_INET6, text)  # 8 groups of 4 hex digits
-        except OSError:
-            continue
-        if raw == bytes(16):
-            continue
-        entries.append((i, raw, _read(types / str(i))))
+        with open(f"{pdir}/gids/{i}") as f:
+            raw = socket.inet_pton(socket.AF_INET6, f.read().strip())  # 8 groups of 4 hex
+    except OSError:
+        return None
+    return None if raw == bytes(16) else raw
+
+
+def _gid_type(pdir: str, i: int) -> str:
+    try:
+        with open(f"{pdir}/gid_attrs/types/{i}") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+_MAPPED_PREFIX: Final = bytes(10) + b"\xff\xff"
+
+
+def _choose_gid(pdir_path: Path, gid_index: int | None, link_layer: str) -> tuple[int, bytes]:
+    # A GID table has up to 1024 entries (each a sysfs file): read them in order and stop
+    # at the first one that fits, rather than all of them.
+    pdir = str(pdir_path)
     if gid_index is not None:
-        for i, raw, _ in entries:
-            if i == gid_index:
-                return i, raw
-        raise LookupError(f"GID index {gid_index} is empty")
-    if link_layer.lower() == "infiniband":
-        for i, raw, _ in entries:
+        raw = _gid_at(pdir, gid_index)
+        if raw is None:
+            raise LookupError(f"GID index {gid_index} is empty")
+        return gid_index, raw
+    try:
+        size = len(os.listdir(f"{pdir}/gids"))
+    except OSError:
+        size = 0
+    infiniband = link_layer.lower() == "infiniband"
+    first_v2: tuple[int, bytes] | None = None
+    for i in range(size):
+        raw = _gid_at(pdir, i)
+        if raw is None:
+            continue
+        if infiniband:
             return i, raw
-    v2 = [(i, raw) for i, raw, kind in entries if "v2" in kind.lower()]
-    mapped = [(i, raw) for i, raw in v2 if raw[:12] == bytes(10) + b"\xff\xff"]
-    if mapped:
-        return mapped[0]
-    if v2:
-        return v2[0]
+        if "v2" in _gid_type(pdir, i).lower():
+            if raw[:12] == _MAPPED_PREFIX:
+                return i, raw
+            first_v2 = first_v2 or (i, raw)
+    if first_v2 is not None:
+        return first_v2
     raise LookupError("no RoCE v2 GID (does the netdev have an IP address?)")
 
 
@@ -358,6 +376,7 @@ class Endpoint:
                                    e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE,
                                    address=self.ring.addr)
             self.cq.req_notify()
+            self._build_wrs()
         except p.error as exc:
             self.close()
             raise _wrap("setup", exc) from None
@@ -376,6 +395,14 @@ class Endpoint:
             buf.close()
             raise _wrap("registering the send buffer", exc) from None
         self.send_buf = buf
+        self._send_addr = buf.addr
+        try:
+            self._data_sge = p.wr.SGE(buf.addr, 0, self.send_mr.lkey)
+            self._data_wr = p.wr.SendWR(opcode=p.enums.IBV_WR_RDMA_WRITE_WITH_IMM, num_sge=1,
+                                        sg=[self._data_sge])
+            self._data_wr.sg_list = self._data_sge
+        except p.error as exc:
+            raise _wrap("building work requests", exc) from None
         return buf.view
 
     @property
@@ -415,69 +442,101 @@ class Endpoint:
 
     # -- posting -----------------------------------------------------------------------------
 
+    # Work requests are built once and re-posted with new fields (ibv_post_* copies them into
+    # the queue): creating pyverbs WR/SGE objects costs a logger lookup each and pyverbs 44
+    # never frees their C memory. The data WR's scatter list is pointed at its SGE's own
+    # struct (pyverbs' ``sg_list`` setter), so that address and length can change per post;
+    # both objects live as long as the endpoint and are never closed (nothing is freed twice).
+
+    def _build_wrs(self) -> None:
+        p = self._p
+        e = p.enums
+        lkey = self.scratch_mr.lkey
+        self._recv_wr = p.wr.RecvWR(wr_id=0, num_sge=1,
+                                    sg=[p.wr.SGE(self.scratch.addr, 64, lkey)])
+        self._imm_sge = p.wr.SGE(self.scratch.addr + 2048, 0, lkey)
+        self._imm_wr = p.wr.SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1,
+                                   sg=[self._imm_sge])
+        self._fence_sge = p.wr.SGE(self.scratch.addr + 2048, 0, lkey)
+        self._fence_wr = p.wr.SendWR(opcode=e.IBV_WR_RDMA_WRITE, num_sge=1,
+                                     sg=[self._fence_sge])
+        self._signaled = e.IBV_SEND_SIGNALED
+
     def post_recv(self, wr_id: int) -> None:
-        """Post one receive without a buffer (RDMA WRITE WITH IMM and 0-byte SEND need none)."""
+        """Post one receive (RDMA WRITE WITH IMM and 0-byte SEND place nothing in it)."""
         p = self._p
         try:
-            sge = p.wr.SGE(self.scratch.addr, 64, self.scratch_mr.lkey)
-            self.qp.post_recv(p.wr.RecvWR(wr_id=wr_id, num_sge=1, sg=[sge]))
+            self._recv_wr.wr_id = wr_id
+            self.qp.post_recv(self._recv_wr)
         except p.error as exc:
             raise _wrap("post_recv", exc) from None
 
     def post_write_imm(self, wr_id: int, offset: int, length: int, remote_addr: int,
-                       rkey: int, imm: int) -> None:
+                       rkey: int, imm: int, *, signaled: bool) -> None:
         """RDMA WRITE WITH IMM of ``send_buf[offset:offset+length]`` to ``remote_addr``."""
         p = self._p
-        e = p.enums
-        assert self.send_buf is not None, "register_send() first"
+        sge, wr = self._data_sge, self._data_wr
         try:
-            sge = p.wr.SGE(self.send_buf.addr + offset, length, self.send_mr.lkey)
-            wr = p.wr.SendWR(wr_id=wr_id, opcode=e.IBV_WR_RDMA_WRITE_WITH_IMM, num_sge=1,
-                             imm_data=socket.htonl(imm), sg=[sge],
-                             send_flags=e.IBV_SEND_SIGNALED)
+            sge.addr = self._send_addr + offset
+            sge.length = length
+            wr.wr_id = wr_id
+            wr.imm_data = socket.htonl(imm)
+            wr.send_flags = self._signaled if signaled else 0
             wr.set_wr_rdma(rkey, remote_addr)
             self.qp.post_send(wr)
         except p.error as exc:
             raise _wrap("post_send (RDMA WRITE WITH IMM)", exc) from None
 
-    def post_send_imm(self, wr_id: int, imm: int) -> None:
+    def post_send_imm(self, wr_id: int, imm: int, *, signaled: bool) -> None:
         """A 0-byte SEND WITH IMM (a control value for the peer, e.g. credits)."""
         p = self._p
-        e = p.enums
+        wr = self._imm_wr
         try:
-            sge = p.wr.SGE(self.scratch.addr + 2048, 0, self.scratch_mr.lkey)
-            wr = p.wr.SendWR(wr_id=wr_id, opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1,
-                             imm_data=socket.htonl(imm), sg=[sge],
-                             send_flags=e.IBV_SEND_SIGNALED)
+            wr.wr_id = wr_id
+            wr.imm_data = socket.htonl(imm)
+            wr.send_flags = self._signaled if signaled else 0
             self.qp.post_send(wr)
         except p.error as exc:
             raise _wrap("post_send (SEND WITH IMM)", exc) from None
 
-    # -- completions -------------------------------------------------------------------------
-
-    def take_events(self) -> int:
-        """Read and acknowledge every pending completion event, re-arm the CQ; returns how
-        many there were. Raises TransportError when re-arming fails.
+    def post_fence(self, wr_id: int, remote_addr: int, rkey: int) -> None:
+        """A signaled 0-byte RDMA WRITE: its completion retires every earlier work request
+        (the peer sees nothing: no receive is consumed).
         """
         p = self._p
-        n = 0
-        while True:
-            try:
-                self._channel.get_cq_event(self.cq)
-            except p.error as exc:
-                if getattr(exc, "error_code", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or (
-                    "Resource temporarily unavailable" in str(exc)
-                ):
-                    break
+        wr = self._fence_wr
+        try:
+            wr.wr_id = wr_id
+            wr.send_flags = self._signaled
+            wr.set_wr_rdma(rkey, remote_addr)
+            self.qp.post_send(wr)
+        except p.error as exc:
+            raise _wrap("post_send (RDMA WRITE)", exc) from None
+
+    # -- completions -------------------------------------------------------------------------
+
+    def take_event(self) -> bool:
+        """Read and acknowledge one completion event (the channel was readable), re-arm the
+        CQ; returns whether there was one. Raises TransportError when re-arming fails.
+
+        One arming yields at most one event, and the CQ is re-armed here before the caller
+        polls it empty: a completion after that poll raises the next event.
+        """
+        p = self._p
+        got = True
+        try:
+            self._channel.get_cq_event(self.cq)
+        except p.error as exc:
+            if getattr(exc, "error_code", None) not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise _wrap("get_cq_event", exc) from None
-            n += 1
-        if n:
-            self.cq.ack_events(n)
+            got = False  # spurious wake-up
+        if got:
+            self.cq.ack_events(1)
         try:
             self.cq.req_notify()
         except p.error as exc:
             raise _wrap("req_notify_cq", exc) from None
-        return n
+        return got
 
     def poll(self, limit: int = 64) -> list[Completion]:
         """Up to ``limit`` completions. Raises TransportError when polling fails."""

@@ -19,13 +19,15 @@ as :mod:`~qmpshadow.transport.tcp` and :mod:`~qmpshadow.transport.local`. Per li
   order, to a :class:`~qmpshadow.frames.wire.FrameDecoder`, so checksums are verified as on
   every transport and only whole, verified frames are delivered.
 - **Credits**: the sender may write only into slots the receiver gave back. The receiver
-  gives a slot back (a 0-byte SEND WITH IMMEDIATE carrying the count) once its bytes went to
-  the decoder, and it feeds the decoder only while :meth:`RdmaLink.receive` has no frame to
-  return: a slow consumer holds the ring full and :meth:`RdmaLink.send` awaits credits
-  (backpressure, counted in ``stats.send_blocked_s``; a full ring counts a
-  ``stats.read_pauses``).
+  gives slots back (a 0-byte SEND WITH IMMEDIATE carrying the count, once half a ring is
+  owed) after their bytes went to the decoder, and it feeds the decoder only while
+  :meth:`RdmaLink.receive` has no frame to return: a slow consumer holds the ring full and
+  :meth:`RdmaLink.send` awaits credits (backpressure, counted in ``stats.send_blocked_s``;
+  a full ring counts a ``stats.read_pauses``).
 - **Completions**: one completion queue with a completion channel whose descriptor is
-  watched by the event loop (``loop.add_reader``); no thread polls.
+  watched by the event loop (``loop.add_reader``); no thread polls. Only every few send
+  work requests are signaled (always the one taking the last staging slot, and a final
+  0-byte RDMA WRITE on close): a completion retires everything posted before it.
 - **Failures**: a queue-pair error (retries exhausted, remote access error, ...) or the end
   of the control link ends the link: frames received whole before are still delivered, then
   :class:`~qmpshadow.transport.errors.LinkDroppedError` (with ``partial_bytes`` when a
@@ -34,7 +36,7 @@ as :mod:`~qmpshadow.transport.tcp` and :mod:`~qmpshadow.transport.local`. Per li
   ever delivered; the layer above reconnects and resynchronises with a full epoch.
 
 Sizes come from :class:`~qmpshadow.transport.base.LinkOptions`: ``read_buffer`` is the ring
-(8 slots of ``read_buffer / 8`` bytes, 4 KiB to 256 KiB each), ``write_buffer`` the send
+(8 slots of ``read_buffer / 8`` bytes, 4 KiB to 1 MiB each), ``write_buffer`` the send
 staging area (2 to 64 of the peer's slots).
 
 RDMA data is neither encrypted nor authenticated on the wire (RoCE has no such layer): the
@@ -104,7 +106,7 @@ SETUP_TAG: Final = "qsrdma/1"
 _PARAMS = struct.Struct("<IIQIII16sHBB")  # qpn psn ring_addr rkey slot_size slots gid lid mtu 0
 #: Ring geometry bounds (the peer's advertised values are checked against them too).
 MIN_SLOT: Final = 4096
-MAX_SLOT: Final = 256 << 10
+MAX_SLOT: Final = 1 << 20
 MAX_PEER_SLOT: Final = 1 << 20
 MAX_SLOTS: Final = 256
 MAX_TX_SLOTS: Final = 64
@@ -114,6 +116,9 @@ _RECV_SPARE: Final = 8
 _WR_RECV: Final = 1
 _WR_DATA: Final = 2
 _WR_CREDIT: Final = 3
+_WR_FENCE: Final = 4
+_WR_WHAT: Final = {_WR_RECV: "receive", _WR_DATA: "RDMA WRITE", _WR_CREDIT: "credit SEND",
+                   _WR_FENCE: "closing RDMA WRITE"}
 
 _KEEPALIVE: Final = tcp.KeepAlive()
 _ENDED: Final = (LinkState.CLOSED, LinkState.FAILED)
@@ -245,12 +250,17 @@ class RdmaLink(Link):
         self._rx_seq = 0
         self._arrived: deque[tuple[int, int]] = deque()  # (slot, length) not yet consumed
         self._owed = 0  # consumed slots not yet given back
+        self._credit_batch = max(1, ring_slots // 2)
         # send side: the peer's ring, our staging slots
         self._send_view = send_view
         self._credits = remote.slots
         self._tx_seq = 0
         self._tx_free: deque[int] = deque(range(tx_slots))
-        self._outstanding = 0  # send work requests not completed yet
+        # Send work requests posted and not yet retired, in order: (kind, index, signaled).
+        # Only every few are signaled; a signaled one's completion retires all before it.
+        self._sq: deque[tuple[int, int, bool]] = deque()
+        self._since_signal = 0
+        self._signal_every = max(1, tx_slots // 2)
         self.device = str(ep.port)
         self._loop.add_reader(ep.fd, self._on_completion_event)
         self._watcher = self._loop.create_task(self._watch_control())
@@ -355,7 +365,7 @@ class RdmaLink(Link):
         if self._released:
             return
         try:
-            self._ep.take_events()
+            self._ep.take_event()
         except TransportError as exc:
             self._qp_error = self._qp_error or exc
         self._poll_all()
@@ -375,24 +385,34 @@ class RdmaLink(Link):
         if self._qp_error is not None and not self._judging:
             self._peer_gone(self._qp_error)
 
+    def _signal(self, force: bool = False) -> bool:
+        """Whether the send work request about to be posted is signaled."""
+        if force or self._since_signal + 1 >= self._signal_every:
+            self._since_signal = 0
+            return True
+        self._since_signal += 1
+        return False
+
     def _handle(self, wc: Completion) -> None:
-        kind, index = wc.wr_id >> 32, wc.wr_id & 0xFFFFFFFF
-        if kind in (_WR_DATA, _WR_CREDIT):
-            self._outstanding -= 1
-            self._tx_event.set()
+        kind = wc.wr_id >> 32
         if wc.status != WC_SUCCESS:
             if wc.status == WC_WR_FLUSH_ERR and self._qp_error is not None:
                 return  # flushed after the first error
-            what = {_WR_RECV: "receive", _WR_DATA: "RDMA WRITE", _WR_CREDIT: "credit SEND"}
             self._qp_error = self._qp_error or LinkDroppedError(
-                f"RDMA queue pair error on a {what.get(kind, 'work request')}: "
+                f"RDMA queue pair error on a {_WR_WHAT.get(kind, 'work request')}: "
                 f"{wc.status_text} (status {wc.status}, vendor error {wc.vendor_err}); the "
                 "peer died, reset its queue pair or is unreachable"
             )
             return
-        if kind == _WR_DATA:
-            self._tx_free.append(index)
-        elif kind == _WR_RECV:
+        if kind != _WR_RECV:  # a signaled send: it and everything posted before it are done
+            while self._sq:
+                done_kind, index, signaled = self._sq.popleft()
+                if done_kind == _WR_DATA:
+                    self._tx_free.append(index)
+                if signaled:
+                    break
+            self._tx_event.set()
+        else:
             try:
                 self._ep.post_recv(wc.wr_id)
             except TransportError as exc:
@@ -443,16 +463,20 @@ class RdmaLink(Link):
             self._owed += 1
 
     def _give_credits(self) -> None:
-        if not self._owed or self._released or self._state not in _LIVE:
+        """Give consumed slots back once half the ring is owed. Never deadlocks: a sender
+        that ran out of credits has the whole ring in flight, all of it owed once consumed.
+        """
+        if self._owed < self._credit_batch or self._released or self._state not in _LIVE:
             return
         n, self._owed = self._owed, 0
+        signaled = self._signal()
         try:
-            self._ep.post_send_imm(_WR_CREDIT << 32, n)
+            self._ep.post_send_imm(_WR_CREDIT << 32, n, signaled=signaled)
         except TransportError as exc:
             self._qp_error = self._qp_error or exc
             self._peer_gone(exc)
             return
-        self._outstanding += 1
+        self._sq.append((_WR_CREDIT, 0, signaled))
 
     async def receive(self) -> Frame:
         async with self._recv_lock:
@@ -526,16 +550,19 @@ class RdmaLink(Link):
                         voff += k
                         need -= k
                     target = remote.ring_addr + (self._tx_seq % remote.slots) * remote.slot_size
+                    # signal at least the write that takes the last free slot: its
+                    # completion frees them all
+                    signaled = self._signal(force=not self._tx_free)
                     try:
                         self._ep.post_write_imm((_WR_DATA << 32) | slot, slot * piece_max, n,
-                                                target, remote.rkey, n)
+                                                target, remote.rkey, n, signaled=signaled)
                     except TransportError as exc:
                         self._tx_free.appendleft(slot)
                         self._peer_gone(exc)
                         raise self._ended_error() from None
+                    self._sq.append((_WR_DATA, slot, signaled))
                     self._tx_seq += 1
                     self._credits -= 1
-                    self._outstanding += 1
                     posted += n
             finally:
                 if 0 < posted < total and self._state in _LIVE:
@@ -564,7 +591,14 @@ class RdmaLink(Link):
             async with asyncio.timeout(self.options.close_timeout):
                 async with self._send_lock:  # the frame being sent finishes first
                     pass
-                while self._outstanding > 0 and not self._released:  # every write landed
+                if self._sq and not self._sq[-1][2] and not self._released:
+                    try:  # a signaled tail, so that the last writes' completion is seen
+                        self._ep.post_fence(_WR_FENCE << 32, self._remote.ring_addr,
+                                            self._remote.rkey)
+                        self._sq.append((_WR_FENCE, 0, True))
+                    except TransportError as exc:
+                        self._peer_gone(exc)
+                while self._sq and not self._released:  # every write landed
                     self._tx_event.clear()
                     await self._tx_event.wait()
                 if not self._released:
@@ -621,7 +655,7 @@ async def _establish(control: Link, port: PortInfo, options: LinkOptions, side: 
     try:
         async with asyncio.timeout(options.handshake_timeout):
             ep = Endpoint(port, ring_slots=ring_slots, slot_size=slot_size,
-                          max_send_wr=MAX_TX_SLOTS + ring_slots + _RECV_SPARE,
+                          max_send_wr=2 * MAX_TX_SLOTS + ring_slots + 2 * _RECV_SPARE,
                           max_recv_wr=ring_slots + MAX_SLOTS + _RECV_SPARE)
             mine = _Params(qpn=ep.qpn, psn=ep.psn, ring_addr=ep.ring_addr, rkey=ep.ring_rkey,
                            slot_size=slot_size, slots=ring_slots, gid=port.gid, lid=port.lid,
