@@ -21,9 +21,12 @@ as :mod:`~qmpshadow.transport.tcp` and :mod:`~qmpshadow.transport.local`. Per li
 - **Credits**: the sender may write only into slots the receiver gave back. The receiver
   gives slots back (a 0-byte SEND WITH IMMEDIATE carrying the count, once half a ring is
   owed) after their bytes went to the decoder, and it feeds the decoder only while
-  :meth:`RdmaLink.receive` has no frame to return: a slow consumer holds the ring full and
-  :meth:`RdmaLink.send` awaits credits (backpressure, counted in ``stats.send_blocked_s``;
-  a full ring counts a ``stats.read_pauses``).
+  :meth:`RdmaLink.receive` has no frame to return: a slow consumer holds the ring full.
+  :meth:`RdmaLink.send` copies the frame into the staging area and returns; pieces are
+  written as credits come back, and ``send`` awaits only while the staging area is full
+  (backpressure, counted in ``stats.send_blocked_s``; a full ring counts a
+  ``stats.read_pauses``). A link thus holds at most ``write_buffer`` + ``read_buffer``
+  bytes in flight (a TCP link holds its kernel socket buffers on top).
 - **Completions**: one completion queue with a completion channel whose descriptor is
   watched by the event loop (``loop.add_reader``); no thread polls. Only every few send
   work requests are signaled (always the one taking the last staging slot, and a final
@@ -256,6 +259,8 @@ class RdmaLink(Link):
         self._credits = remote.slots
         self._tx_seq = 0
         self._tx_free: deque[int] = deque(range(tx_slots))
+        self._staged: deque[tuple[int, int]] = deque()  # (slot, length) awaiting a credit
+        self._send_waiting = False
         # Send work requests posted and not yet retired, in order: (kind, index, signaled).
         # Only every few are signaled; a signaled one's completion retires all before it.
         self._sq: deque[tuple[int, int, bool]] = deque()
@@ -273,6 +278,7 @@ class RdmaLink(Link):
             return
         self._released = True
         self._arrived.clear()
+        self._staged.clear()
         with contextlib.suppress(ValueError, OSError):
             if self._ep.fd >= 0:
                 self._loop.remove_reader(self._ep.fd)
@@ -443,6 +449,7 @@ class RdmaLink(Link):
             self._violation(f"{n} credits with {self._credits} of {self._remote.slots} held")
             return
         self._credits += n
+        self._pump()
         self._tx_event.set()
 
     def _violation(self, what: str) -> None:
@@ -507,35 +514,63 @@ class RdmaLink(Link):
     # -- send ------------------------------------------------------------------------------
 
     async def _tx_slot(self) -> int:
-        """A free staging slot, once the peer has a free ring slot (credit) for it."""
+        """A free staging slot (waits while ``write_buffer`` is staged or in flight)."""
         t0: float | None = None
         try:
             while True:
                 if self._state not in _LIVE or self._released:
                     raise self._ended_error()
-                if self._credits > 0 and self._tx_free:
+                if self._tx_free:
                     return self._tx_free.popleft()
                 if t0 is None:
                     t0 = time.monotonic()
+                    self._send_waiting = True
                 self._tx_event.clear()
                 await self._tx_event.wait()
         finally:
             if t0 is not None:
+                self._send_waiting = False
                 self.stats.send_blocked_s += time.monotonic() - t0
+
+    @property
+    def send_waiting(self) -> bool:
+        """True while a :meth:`send` waits for staging space (the peer is not reading)."""
+        return self._send_waiting
+
+    def _pump(self) -> None:
+        """Write staged pieces into the peer's ring while it has free slots (credits).
+        Runs after staging and whenever credits arrive; a failed post ends the link.
+        """
+        remote = self._remote
+        while self._staged and self._credits > 0 and not self._released:
+            slot, n = self._staged[0]
+            target = remote.ring_addr + (self._tx_seq % remote.slots) * remote.slot_size
+            # with no staging slot left, signal: the completion frees the slots
+            signaled = self._signal(force=not self._tx_free)
+            try:
+                self._ep.post_write_imm((_WR_DATA << 32) | slot, slot * remote.slot_size, n,
+                                        target, remote.rkey, n, signaled=signaled)
+            except TransportError as exc:
+                self._qp_error = self._qp_error or exc
+                self._peer_gone(exc)
+                return
+            self._staged.popleft()
+            self._sq.append((_WR_DATA, slot, signaled))
+            self._tx_seq += 1
+            self._credits -= 1
 
     async def send(self, data: SendData) -> None:
         views, total = whole_frame(data)
         async with self._send_lock:
             if self._state is not LinkState.OPEN:
                 raise self._ended_error()
-            remote = self._remote
-            piece_max = remote.slot_size
-            posted = 0
+            piece_max = self._remote.slot_size
+            staged = 0
             vi = voff = 0
             try:
-                while posted < total:
+                while staged < total:
                     slot = await self._tx_slot()
-                    n = min(piece_max, total - posted)
+                    n = min(piece_max, total - staged)
                     dst = slot * piece_max
                     need = n
                     buf = self._send_view
@@ -549,31 +584,21 @@ class RdmaLink(Link):
                         dst += k
                         voff += k
                         need -= k
-                    target = remote.ring_addr + (self._tx_seq % remote.slots) * remote.slot_size
-                    # signal at least the write that takes the last free slot: its
-                    # completion frees them all
-                    signaled = self._signal(force=not self._tx_free)
-                    try:
-                        self._ep.post_write_imm((_WR_DATA << 32) | slot, slot * piece_max, n,
-                                                target, remote.rkey, n, signaled=signaled)
-                    except TransportError as exc:
-                        self._tx_free.appendleft(slot)
-                        self._peer_gone(exc)
-                        raise self._ended_error() from None
-                    self._sq.append((_WR_DATA, slot, signaled))
-                    self._tx_seq += 1
-                    self._credits -= 1
-                    posted += n
+                    self._staged.append((slot, n))
+                    staged += n
+                    self._pump()
             finally:
-                if 0 < posted < total and self._state in _LIVE:
-                    # Cancelled (or failed) mid-frame: the peer holds part of a frame. End the
-                    # link so that it sees a dropped link, never a frame stitched together.
+                if 0 < staged < total and self._state in _LIVE:
+                    # Cancelled (or failed) mid-frame: the peer may hold part of a frame. End
+                    # the link so that it sees a dropped link, never a frame stitched together.
                     self._end(LinkDroppedError(
-                        f"send to {self.peer} was interrupted after {posted} of {total} bytes "
+                        f"send to {self.peer} was interrupted after {staged} of {total} bytes "
                         "of a frame; the link was aborted so that the peer never sees a "
                         "partial frame: reconnect",
-                        partial_bytes=posted,
+                        partial_bytes=staged,
                     ))
+            if self._state not in _LIVE:
+                raise self._ended_error()
             self.stats.frames_sent += 1
             self.stats.bytes_sent += total
 
@@ -591,6 +616,9 @@ class RdmaLink(Link):
             async with asyncio.timeout(self.options.close_timeout):
                 async with self._send_lock:  # the frame being sent finishes first
                     pass
+                while self._staged and not self._released:  # the peer must free ring slots
+                    self._tx_event.clear()
+                    await self._tx_event.wait()
                 if self._sq and not self._sq[-1][2] and not self._released:
                     try:  # a signaled tail, so that the last writes' completion is seen
                         self._ep.post_fence(_WR_FENCE << 32, self._remote.ring_addr,

@@ -144,16 +144,22 @@ class Rdma(Case):
             return f"{reason}; it runs inside the soft-RoCE guest (tests/rdma/test_in_guest.py)"
         return None
 
+    #: Without explicit options: a 4 MiB ring. Below an RDMA link there is only the peer's
+    #: ring (read_buffer), where a TCP link also has kernel socket buffers (MiBs on loopback)
+    #: that tests sending a few MiB before anyone reads rely on.
+    default_options = LinkOptions(read_buffer=4 << 20)
+
     async def listen(self, options: LinkOptions | None = None) -> Listener:
         return await rdma.listen("127.0.0.1", 0, tls=self.pki.tls("shadow", "source"),
-                                 options=options)
+                                 options=options or self.default_options)
 
     def address(self, listener: Listener) -> Address:
         assert isinstance(listener, rdma.RdmaListener)
         return (listener.host, listener.port)
 
     async def connect(self, address: Address, options: LinkOptions | None = None) -> Link:
-        return await rdma.connect(*address, tls=self.pki.tls("source", "shadow"), options=options)
+        return await rdma.connect(*address, tls=self.pki.tls("source", "shadow"),
+                                  options=options or self.default_options)
 
     def peer_spec(self, address: Address) -> dict[str, Any]:
         return {"kind": "rdma", "host": address[0], "port": address[1], "pki": str(self.pki.dir)}

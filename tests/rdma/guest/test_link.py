@@ -13,11 +13,13 @@ import contextlib
 import dataclasses
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 from qmpshadow.errors import TransportError
+from qmpshadow.frames import EpochAssembler
 from qmpshadow.frames.wire import (
     DeviceState,
     DeviceStateFormat,
@@ -27,7 +29,14 @@ from qmpshadow.frames.wire import (
     Role,
     encode_frame,
 )
-from qmpshadow.transport import LinkDroppedError, LinkOptions, LinkState, rdma, tcp
+from qmpshadow.transport import (
+    LinkClosedError,
+    LinkDroppedError,
+    LinkOptions,
+    LinkState,
+    rdma,
+    tcp,
+)
 from qmpshadow.transport._verbs import RdmaUnavailableError
 from tests.rdma.guest.conftest import open_fds, rdma_pair, rdma_resources
 
@@ -215,3 +224,88 @@ def test_runs_inside_the_guest() -> None:
     """Sanity: this suite runs inside the guest (the host has no RDMA device)."""
     assert os.environ.get("QMPSHADOW_IN_RDMA_GUEST") == "1"
     assert rdma.available() is None
+
+
+async def _line(proc: asyncio.subprocess.Process, want: str, timeout: float = 60) -> None:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"peer exited before printing {want!r}: {await proc.wait()}")
+            if line.decode().strip() == want:
+                return
+
+
+async def _spawn(lst: rdma.RdmaListener, mode: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.rdma.guest._peer", lst.host, str(lst.port), mode,
+        cwd=Path(__file__).resolve().parents[3], stdout=asyncio.subprocess.PIPE)
+
+
+@pytest.mark.parametrize("mode", ["mid-frame", "between-frames"])
+async def test_sender_killed_mid_epoch(mode: str) -> None:
+    """SIGKILL the sending process inside an epoch (mid-frame: while its 32 MiB frame is
+    part-way through the ring): the frames sent before arrive whole, then LinkDroppedError
+    with the partial frame dropped, or LinkClosedError between frames; never a partial
+    frame; the epoch stays open for the layer above to abort and resync."""
+    lst = await rdma.listen("127.0.0.1", 0, insecure_loopback=True,
+                            options=LinkOptions(read_buffer=64 << 10))
+    proc = await _spawn(lst, mode)
+    try:
+        link = await asyncio.wait_for(lst.accept(), 60)
+        asm = EpochAssembler()
+        for _ in range(3):
+            assert asm.feed(await link.receive()) is None
+        await _line(proc, "sent")
+        if mode == "mid-frame":
+            await _line(proc, "blocked")
+        proc.kill()
+        await proc.wait()
+        with pytest.raises(TransportError) as info:
+            frame = await asyncio.wait_for(link.receive(), 30)
+            pytest.fail(f"got {frame!r} after the peer died")
+        if mode == "mid-frame":
+            assert isinstance(info.value, LinkDroppedError), info.value
+            assert info.value.partial_bytes > 0
+            assert "inside a frame" in str(info.value)
+            assert link.state is LinkState.FAILED
+        else:
+            assert isinstance(info.value, LinkClosedError) and info.value.by_peer
+            assert link.state is LinkState.CLOSED
+        assert asm.open_epoch == 1
+        with pytest.raises(TransportError):
+            await link.receive()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await lst.close()
+
+
+async def test_receiver_killed_while_sender_waits() -> None:
+    """The receiving process dies while this side's send waits for ring slots: the send
+    fails with a TransportError instead of waiting forever."""
+    lst = await rdma.listen("127.0.0.1", 0, insecure_loopback=True,
+                            options=LinkOptions(write_buffer=64 << 10))
+    proc = await _spawn(lst, "receiver")
+    try:
+        link = await asyncio.wait_for(lst.accept(), 60)
+        await link.send(_blob(1, 4096))
+        await _line(proc, "got-one")
+        big = asyncio.create_task(link.send(_blob(2, 8 << 20)))
+        for _ in range(3000):
+            if isinstance(link, rdma.RdmaLink) and link.send_waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert not big.done()
+        proc.kill()
+        await proc.wait()
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(big, 30)
+        assert link.state in (LinkState.CLOSED, LinkState.FAILED)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await lst.close()
