@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, QmpShadowError
 from ..qemu.accel import detect_accel
@@ -23,6 +23,9 @@ from ..source.shared_ram import SharedRamSource
 from ..transport import local, tcp
 from ..transport.base import Link, Listener
 from .control import ControlServer
+
+if TYPE_CHECKING:
+    from ..cluster.source_side import ClusterOptions, SourceCluster
 from .shadow import ShadowAgent
 from .source import SourceAgent
 
@@ -89,13 +92,30 @@ async def listener(ep: Endpoint, sec: LinkSecurity) -> Listener:
 
 async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSecurity,
                       source: str, ack: str, interval_ms: int, status: StatusFn,
-                      max_epochs: int = 0, generation: int = 1) -> None:
+                      max_epochs: int = 0, generation: int = 1,
+                      cluster: ClusterOptions | None = None,
+                      fencer_log: Path | None = None) -> str:
     """Protect a running primary until interrupted (or ``max_epochs`` epochs).
 
-    Raises ConfigError for an unusable spec/source, QmpShadowError subclasses otherwise.
+    With ``cluster`` the agent also holds the primary's lease through the broker, renews
+    it on both paths, self-fences when it cannot, arms a fencer process, and releases the
+    lease at once when the primary exits (see qmpshadow.cluster.source_side). Returns
+    ``"done"`` (epochs reached or interrupted), ``"released"`` (the primary exited and the
+    shadow was told) or ``"ended"`` (protection ended cleanly).
+
+    Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
+    exists, QmpShadowError subclasses otherwise.
     """
     if source == "auto":
         source = "shared-ram" if spec.memory.backend == "file" else "colo"
+    if source not in ("colo", "shared-ram"):
+        raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
+    primary = None
+    if cluster is not None:
+        from ..cluster.primary import PrimaryProcess, pid_of_socket
+
+        # before our QMP session: the socket serves one client at a time
+        primary = PrimaryProcess(pid_of_socket(qmp_path))
     qmp = await QmpControl.open(qmp_path, timeout=10)
     mem = spec.memory
     pages = (mem.size_mib << 20) // 4096
@@ -103,32 +123,61 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         generation=generation, keep_mirror=source == "colo",
                         wait_ack=ack == "sync", name=spec.name, on_status=status)
     status({"event": "protect", "vm": spec.name, "source": source, "ack": ack,
-            "interval_ms": interval_ms, "to": str(to)})
+            "interval_ms": interval_ms, "to": str(to), "generation": generation})
+    ckpt_lock = asyncio.Lock()
+    cl: SourceCluster | None = None
+    outcome = "done"
+    colo_task: asyncio.Task[None] | None = None
+
+    async def colo_fence() -> None:
+        if colo_task is not None:
+            colo_task.cancel()
+            await asyncio.gather(colo_task, return_exceptions=True)
+        with contextlib.suppress(QmpShadowError):
+            await qmp.execute("x-colo-lost-heartbeat", timeout=1.0)
+
     with tempfile.TemporaryDirectory(prefix="qmpshadow-src-") as tmp:
         sock = Path(tmp) / "stream.sock"
         try:
+            if cluster is not None and primary is not None:
+                from ..cluster.source_side import SourceCluster
+
+                cl = SourceCluster(cluster, vm=spec.name, holder=f"{spec.name}@source",
+                                   generation=generation, agent=agent, qmp=qmp,
+                                   primary=primary, ckpt_lock=ckpt_lock, status=status,
+                                   fencer_log=fencer_log,
+                                   before_stop=colo_fence if source == "colo" else None)
+                await cl.start()
             if source == "colo":
                 done = asyncio.Event()
 
                 async def sink(ep: Any) -> None:
                     await agent.ship(ep)
+                    if cl is not None:
+                        cl.note_epoch(ep.number, agent.stats.committed)
                     if max_epochs and ep.number >= max_epochs:
                         done.set()
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
                                   ack_mode=ack, checkpoint_delay_ms=interval_ms)
-                task = asyncio.create_task(colo.run())
-                waiter = asyncio.create_task(done.wait())
-                finished, _ = await asyncio.wait({task, waiter},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if task in finished:
+                colo_task = task = asyncio.create_task(colo.run())
+                waiters: set[asyncio.Future[Any]] = {task,
+                                                     asyncio.ensure_future(done.wait())}
+                if cl is not None:
+                    waiters.add(cl.done)
+                finished, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    if w is not task and w is not (cl.done if cl else None):
+                        w.cancel()
+                if cl is not None and cl.done in finished:
+                    pass
+                elif task in finished:
                     task.result()
                 else:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                     await qmp.execute("x-colo-lost-heartbeat")
-            elif source == "shared-ram":
+            else:
                 if mem.backend != "file" or mem.mem_path is None:
                     raise ConfigError("the shared-ram source needs memory.backend = 'file' "
                                       "with mem_path in the VM spec")
@@ -136,26 +185,86 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                                       sock_path=sock)
                 await src.open()
                 try:
-                    n = 0
-                    while not max_epochs or n < max_epochs:
-                        await agent.prepare()
-                        ep = await src.checkpoint(full=agent.need_full)
-                        await agent.ship(ep)
-                        n += 1
-                        await asyncio.sleep(interval_ms / 1000)
+                    await _shared_ram_loop(agent, src, cl, ckpt_lock, interval_ms,
+                                           max_epochs)
                 finally:
                     await src.close()
-            else:
-                raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
+            if cl is not None and cl.done.done():
+                exc = cl.done.exception() if not cl.done.cancelled() else None
+                if exc is not None:
+                    from ..cluster.errors import PrimaryGoneError
+
+                    if isinstance(exc, PrimaryGoneError):
+                        outcome = "released"
+                    else:
+                        raise exc
+                else:
+                    outcome = "ended"
         finally:
+            if cl is not None:
+                await cl.close(end=outcome == "done")
             await agent.close()
             await qmp.close()
+    status({"event": "protect-finished", "outcome": outcome})
+    return outcome
+
+
+async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
+                           cl: SourceCluster | None, lock: asyncio.Lock, interval_ms: int,
+                           max_epochs: int) -> None:
+    """Checkpoints until ``max_epochs``, or (with a cluster) until protection ends. With
+    a cluster, no checkpoint starts while the primary must not run (a checkpoint ends
+    with ``cont``), and each one runs under the lock the fencing takes."""
+    n = 0
+    while not max_epochs or n < max_epochs:
+        if cl is not None:
+            if cl.done.done():
+                return
+            if not cl.running.is_set():
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(cl.running.wait())
+                await asyncio.wait({waiter, cl.done}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                continue
+        await agent.prepare()
+        async with lock:
+            if cl is not None and not cl.running.is_set():
+                continue
+            ck = asyncio.ensure_future(src.checkpoint(full=agent.need_full))
+            if cl is not None:
+                # a checkpoint of a primary that died can wait long for its stream
+                watch: set[asyncio.Future[Any]] = {ck, cl.done}
+                while not ck.done():
+                    await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+                    if cl.done.done() and not cl.primary.alive and not ck.done():
+                        ck.cancel()
+                        await asyncio.gather(ck, return_exceptions=True)
+                        return
+            try:
+                ep = await ck
+            except QmpShadowError:
+                if cl is not None and (not cl.primary.alive or await cl.primary.wait(0.5)):
+                    await asyncio.wait({cl.done}, timeout=2.0)
+                    return
+                raise
+        await agent.ship(ep)
+        if cl is not None:
+            cl.note_epoch(ep.number, agent.stats.committed)
+        n += 1
+        if cl is None:
+            await asyncio.sleep(interval_ms / 1000)
+        else:
+            await asyncio.wait({cl.done}, timeout=interval_ms / 1000)
 
 
 async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: LinkSecurity,
                      control: Path, accel: str, status: StatusFn,
-                     ready: Callable[[], None] | None = None) -> dict[str, Any]:
+                     ready: Callable[[], None] | None = None,
+                     cluster: ClusterOptions | None = None) -> dict[str, Any]:
     """Run the shadow agent until a promotion (returns its result) or interruption.
+
+    With ``cluster`` the promotion is automatic: on a released lease, or once the lease
+    expired with no heartbeat on either path (see qmpshadow.cluster.shadow_side); a manual
+    ``promote`` then also bumps and publishes the generation.
 
     Raises ConfigError / QmpShadowError subclasses.
     """
@@ -167,6 +276,7 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
     server: ControlServer | None = None
     promoted: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     agent: ShadowAgent | None = None
+    sc: Any = None
     try:
         await standby.start()
         await standby.wait_ready(60)
@@ -177,21 +287,46 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
 
         async def do_status(_req: dict[str, Any]) -> dict[str, Any]:
             assert agent is not None
-            return {"epoch": replica.committed_epoch, "generation": replica.generation,
-                    "standby": standby.state.value, "source_connected": agent.link is not None,
-                    "epochs_committed": agent.epochs_committed, "resyncs": agent.resyncs}
+            doc = {"epoch": replica.committed_epoch, "generation": replica.generation,
+                   "standby": standby.state.value, "source_connected": agent.link is not None,
+                   "epochs_committed": agent.epochs_committed, "resyncs": agent.resyncs}
+            if sc is not None:
+                doc.update(watch=sc.sm.state.value, cluster_generation=sc.sm.generation,
+                           broker_connected=sc.bus.connected)
+            return doc
 
-        async def do_promote(_req: dict[str, Any]) -> dict[str, Any]:
+        async def promote_now(reason: str) -> dict[str, Any]:
             assert agent is not None
             await agent.stop()
             result = await standby.promote(replica)
             doc = {"event": "promoted", "epoch": result.epoch, "total_ms": result.total_ms,
-                   "load_ms": result.load_ms, "pid": result.pid,
-                   "format": result.format.name}
+                   "load_ms": result.load_ms, "running_ms": result.running_ms,
+                   "resumed_at": result.resumed_at, "pid": result.pid,
+                   "format": result.format.name, "reason": reason}
             status(doc)
+            return doc
+
+        async def do_promote(_req: dict[str, Any]) -> dict[str, Any]:
+            if sc is not None:
+                doc: dict[str, Any] = await sc.manual_promote()
+            else:
+                doc = await promote_now("operator's promote command")
             if not promoted.done():
                 promoted.set_result(doc)
             return doc
+
+        if cluster is not None:
+            from ..cluster.shadow_side import ShadowCluster
+
+            sc = ShadowCluster(cluster, vm=spec.name, holder=f"{spec.name}@shadow",
+                               agent=agent, replica=replica, promote=promote_now,
+                               status=status)
+            await sc.start()
+
+            def relay(fut: asyncio.Future[dict[str, Any]]) -> None:
+                if not fut.cancelled() and fut.exception() is None and not promoted.done():
+                    promoted.set_result(fut.result())
+            sc.promoted.add_done_callback(relay)
 
         server = ControlServer(control, {"status": do_status, "promote": do_promote})
         await server.start()
@@ -208,6 +343,8 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
             await asyncio.gather(serve, return_exceptions=True)
             await asyncio.sleep(0.05)  # let the promote answer reach its client
     finally:
+        if sc is not None:
+            await sc.close()
         if agent is not None:
             with contextlib.suppress(QmpShadowError):
                 await agent.stop()

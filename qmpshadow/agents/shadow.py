@@ -23,6 +23,7 @@ from ..frames.wire import (
     EpochBegin,
     EpochEnd,
     Feature,
+    Frame,
     Heartbeat,
     Hello,
     ResyncReason,
@@ -57,6 +58,34 @@ class ShadowAgent:
         self.epochs_committed = 0
         self.resyncs = 0
         self.fenced = False
+        #: Cluster hook: every frame from the source, before it is processed (heartbeats
+        #: carry lease renewals; any frame shows the source's side is alive).
+        self.on_frame: Callable[[Frame], None] | None = None
+        #: Frames of a generation below this one are refused (set after a promotion).
+        self.min_generation = 0
+        self._hb_task: asyncio.Task[None] | None = None
+
+    @property
+    def session(self) -> str:
+        """The current source session id (hex; empty before the first HELLO)."""
+        return self._session.hex() if self._session else ""
+
+    def send_heartbeat(self, frame: Heartbeat) -> bool:
+        """Send a HEARTBEAT frame to the source without waiting; False when there is no
+        link or the previous one is still queued. Never raises for link failures."""
+        link = self.link
+        if link is None or not link.is_open:
+            return False
+        if self._hb_task is not None and not self._hb_task.done():
+            return False
+
+        async def send() -> None:
+            try:
+                await link.send_frame(frame)
+            except QmpShadowError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+        self._hb_task = asyncio.create_task(send())
+        return True
 
     def _emit(self, **doc: Any) -> None:
         if self.on_status is not None:
@@ -99,6 +128,13 @@ class ShadowAgent:
                     max_payload=link.options.max_payload, name=self.name))
                 async for frame in link:
                     self.last_frame_at = time.monotonic()
+                    if frame.generation < self.min_generation:
+                        self.fenced = True
+                        raise FrameError(
+                            f"frame of generation {frame.generation} from a deposed primary "
+                            f"(generation {self.min_generation} is current): refused")
+                    if self.on_frame is not None:
+                        self.on_frame(frame)
                     if isinstance(frame, Hello):
                         if frame.role != Role.SOURCE:
                             raise FrameError(f"peer says it is {frame.role.name}, expected "

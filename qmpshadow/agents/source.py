@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import QmpShadowError
-from ..frames.wire import Ack, Feature, Heartbeat, Hello, ResyncRequest, Role
+from ..frames.wire import Ack, Feature, Frame, Heartbeat, Hello, ResyncRequest, Role
 from ..source.encoder import EncodeStats, EpochEncoder
 from ..source.epoch import CapturedEpoch
 from ..transport.base import Link
@@ -107,6 +107,49 @@ class SourceAgent:
         self._reader: asyncio.Task[None] | None = None
         self._session = os.urandom(16)
         self.page_size = page_size
+        #: Cluster hooks: HEARTBEAT and HELLO frames from the shadow (acks, its generation).
+        self.on_heartbeat: Callable[[Heartbeat], None] | None = None
+        self.on_hello: Callable[[Hello], None] | None = None
+        self._hb_task: asyncio.Task[None] | None = None
+
+    @property
+    def session(self) -> str:
+        """This agent run's session id (hex), as sent in HELLO."""
+        return self._session.hex()
+
+    def send_heartbeat(self, frame: Heartbeat) -> bool:
+        """Send a HEARTBEAT frame on the current link without waiting for it.
+
+        Returns False (nothing sent) when there is no open link or the previous heartbeat
+        is still waiting behind epoch data. Never raises for link failures.
+        """
+        link = self.link
+        if link is None or not link.is_open:
+            return False
+        if self._hb_task is not None and not self._hb_task.done():
+            return False
+        self._hb_task = asyncio.create_task(self._send_quietly(link, frame))
+        return True
+
+    async def send_now(self, frame: Frame, timeout: float = 1.0) -> bool:
+        """Send ``frame`` on the current link and wait (bounded); False on failure."""
+        link = self.link
+        if link is None or not link.is_open:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await link.send_frame(frame)
+        except (TimeoutError, QmpShadowError) as exc:
+            log.info("sending %s failed: %s", type(frame).__name__, exc or "timeout")
+            return False
+        return True
+
+    @staticmethod
+    async def _send_quietly(link: Link, frame: Frame) -> None:
+        try:
+            await link.send_frame(frame)
+        except QmpShadowError as exc:
+            log.debug("heartbeat not sent: %s", exc)
 
     @property
     def need_full(self) -> bool:
@@ -168,8 +211,10 @@ class SourceAgent:
                     log.warning("shadow asks for a resync: %s %s", frame.reason.name,
                                 frame.message)
                     self._need_full = True
-                elif isinstance(frame, (Heartbeat, Hello)):
-                    pass
+                elif isinstance(frame, Heartbeat) and self.on_heartbeat is not None:
+                    self.on_heartbeat(frame)
+                elif isinstance(frame, Hello) and self.on_hello is not None:
+                    self.on_hello(frame)
         except QmpShadowError as exc:
             log.warning("link to the shadow ended: %s", exc)
         finally:
@@ -203,8 +248,12 @@ class SourceAgent:
             ep = self.mirror.full_epoch(ep)
             self.stats.resyncs += 1
         self._need_full = False
-        frames, stats = self.encoder.encode(ep)
+        # In a worker thread (the page codec releases the GIL): a full epoch takes long
+        # enough to hold up the lease renewals that share this event loop.
+        frames, stats = await asyncio.to_thread(self.encoder.encode, ep)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # an ack nobody waits for (async mode, or after a timeout) may still fail later
+        fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         self._acks[ep.number] = fut
         try:
             for frame in frames:

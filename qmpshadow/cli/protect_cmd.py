@@ -19,6 +19,29 @@ def _security(p: argparse.ArgumentParser, name: str, peer: str) -> None:
     p.add_argument("--json", action="store_true", help="JSON event lines on stdout")
 
 
+def _cluster(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("automatic failover (MQTT)", "heartbeats, lease and fencing "
+                             "through an MQTT broker; see docs/failover.md")
+    g.add_argument("--broker", metavar="mqtt://HOST:PORT",
+                   help="MQTT broker; enables leases, self-fencing and automatic failover")
+    g.add_argument("--cluster", default="default", metavar="NAME",
+                   help="cluster name in the topic tree qmpshadow/NAME/VM/... (default "
+                   "'default')")
+    g.add_argument("--mqtt-user", metavar="U", help="MQTT user name")
+    g.add_argument("--mqtt-password-file", metavar="F", type=Path,
+                   help="file holding the MQTT password (first line)")
+    g.add_argument("--heartbeat-ms", type=int, default=100, metavar="MS",
+                   help="heartbeat / lease renewal period (default 100)")
+    g.add_argument("--lease-ms", type=int, default=4000, metavar="MS",
+                   help="lease length (default 4000); the shadow promotes on a timeout "
+                   "only after it")
+    g.add_argument("--detect-ms", type=int, default=500, metavar="MS",
+                   help="no heartbeat on either path for this long before a promotion "
+                   "(default 500)")
+    g.add_argument("--keepalive", type=int, default=1, metavar="S",
+                   help="MQTT keepalive in seconds (default 1)")
+
+
 def register(sub: Any) -> None:
     """Add protect, shadow and promote to ``sub``."""
     p = sub.add_parser("protect", help="source agent: checkpoint a running primary to a shadow",
@@ -35,7 +58,13 @@ def register(sub: Any) -> None:
     p.add_argument("--interval", type=int, default=200, metavar="MS",
                    help="checkpoint interval in ms (default 200)")
     p.add_argument("--epochs", type=int, default=0, help="stop after N epochs (0: never)")
+    p.add_argument("--generation", type=int, default=1, metavar="N",
+                   help="fencing token of this primary (default 1; after a failover, "
+                   "protect the new primary with a higher one)")
+    p.add_argument("--fencer-log", type=Path, metavar="FILE",
+                   help="append the fencer process's log to FILE")
     _security(p, "source", "shadow")
+    _cluster(p)
     p.set_defaults(func=run_protect)
 
     s = sub.add_parser("shadow", help="shadow agent: keep a replica and a warm standby",
@@ -47,6 +76,7 @@ def register(sub: Any) -> None:
     s.add_argument("--control", type=Path, help="control socket (default REPLICA/control.sock)")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     _security(s, "shadow", "source")
+    _cluster(s)
     s.set_defaults(func=run_shadow)
 
     m = sub.add_parser("promote", help="promote a shadow now (manual failover)")
@@ -63,6 +93,32 @@ def _sec(args: argparse.Namespace) -> Any:
                         insecure_loopback=args.insecure_loopback)
 
 
+def _cluster_options(args: argparse.Namespace) -> Any:
+    """ClusterOptions from the options, or None without --broker. Raises ConfigError."""
+    if not args.broker:
+        return None
+    from ..cluster.lease import ClusterTiming
+    from ..cluster.mqtt import BrokerConfig
+    from ..cluster.source_side import ClusterOptions
+    from ..errors import ConfigError
+
+    password = None
+    if args.mqtt_password_file is not None:
+        try:
+            password = args.mqtt_password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise ConfigError(f"--mqtt-password-file {args.mqtt_password_file}: expected a "
+                              f"readable file with the password on its first line ({exc})"
+                              ) from None
+    broker = BrokerConfig.from_url(args.broker, username=args.mqtt_user, password=password,
+                                   keepalive_s=args.keepalive)
+    lease = args.lease_ms
+    timing = ClusterTiming(heartbeat_ms=args.heartbeat_ms, lease_ms=lease,
+                           detect_ms=args.detect_ms, keepalive_s=args.keepalive,
+                           reacquire_ms=lease)
+    return ClusterOptions(broker=broker, cluster=args.cluster, timing=timing)
+
+
 def run_protect(args: argparse.Namespace) -> int:
     """Run the source agent. Raises QmpShadowError subclasses for the CLI to report."""
     import asyncio
@@ -73,10 +129,14 @@ def run_protect(args: argparse.Namespace) -> int:
     from .live import StatusLine
 
     spec = VmSpec.from_toml(args.spec)
-    asyncio.run(main(spec=spec, qmp_path=args.qmp, to=Endpoint.parse(args.to),
-                     sec=_sec(args), source=args.source, ack=args.ack,
-                     interval_ms=args.interval, status=StatusLine(json_mode=args.json),
-                     max_epochs=args.epochs))
+    outcome = asyncio.run(main(spec=spec, qmp_path=args.qmp, to=Endpoint.parse(args.to),
+                               sec=_sec(args), source=args.source, ack=args.ack,
+                               interval_ms=args.interval,
+                               status=StatusLine(json_mode=args.json),
+                               max_epochs=args.epochs, generation=args.generation,
+                               cluster=_cluster_options(args), fencer_log=args.fencer_log))
+    if outcome == "released" and not args.json:
+        print("the primary exited; its lease was released to the shadow", file=sys.stderr)
     return 0
 
 
@@ -94,7 +154,8 @@ def run_shadow(args: argparse.Namespace) -> int:
     result = asyncio.run(main(spec=spec, replica_dir=args.replica,
                               listen=Endpoint.parse(args.listen), sec=_sec(args),
                               control=control, accel=args.accel,
-                              status=StatusLine(json_mode=args.json)))
+                              status=StatusLine(json_mode=args.json),
+                              cluster=_cluster_options(args)))
     if not args.json:
         print(f"promoted: epoch {result['epoch']} running in {result['total_ms']:.1f} ms "
               f"(QEMU pid {result['pid']})")

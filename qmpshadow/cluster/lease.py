@@ -158,13 +158,13 @@ class ClusterTiming:
     """
 
     heartbeat_ms: int = 100
-    lease_ms: int = 3000
+    lease_ms: int = 4000
     soft_margin_ms: int = 400
     hard_margin_ms: int = 150
     detect_ms: int = 500
-    fresh_ms: int = 500
+    fresh_ms: int = 300
     keepalive_s: int = 1
-    reacquire_ms: int = 3000
+    reacquire_ms: int = 4000
     drift_ppm: int = 1000
     fence_latency_ms: int = 50
 
@@ -220,16 +220,24 @@ class ClusterTiming:
                        f"{self.keepalive_s})")
         return out
 
+    @property
+    def broker_report_max_ms(self) -> int:
+        """What mosquitto 2.0.11 took at most here to publish the last will of a client
+        cut off the network (12 cuts, keepalive 1 s: 2.35-3.37 s), scaled: whole seconds
+        past ``keepalive_s * 3 // 2``, its one-second check loop, and 0.5 s to spare."""
+        return 1000 * (self.keepalive_s * 3 // 2 + 2) + 500
+
     def availability_notes(self) -> list[str]:
-        """Settings that are safe but cost availability (e.g. a dead shadow host makes
-        the primary pause before the broker reports it)."""
+        """Settings that are safe but cost availability: with a lease shorter than the
+        broker's report of a dead shadow host (plus the grace), a shadow host that dies
+        makes its primary stay fenced (stopped) until a shadow or an operator comes."""
         notes = []
-        # the broker reports a dead shadow after at most ~ (KA*3//2 + 2) s here
-        report_ms = 1000 * (self.keepalive_s * 3 // 2 + 2)
-        if self.lease_ms - self.soft_margin_ms - self.heartbeat_ms < report_ms:
-            notes.append(f"lease_ms {self.lease_ms} is shorter than the broker's report of a "
-                         f"dead shadow host (up to ~{report_ms} ms): the primary may be "
-                         "fenced when the shadow host dies")
+        lease_ok_ms = self.lease_ms - self.heartbeat_ms + self.offline_grace * 1000
+        if lease_ok_ms < self.broker_report_max_ms:
+            notes.append(f"lease_ms {self.lease_ms} is too short for the broker to report a "
+                         f"dead shadow host in time (up to ~{self.broker_report_max_ms} ms "
+                         "with this keepalive): the primary may then stay stopped although "
+                         "no shadow can take over; use a longer lease")
         return notes
 
     # seconds, for the machines
@@ -264,10 +272,11 @@ class ClusterTiming:
     @property
     def offline_grace(self) -> float:
         """How long after its lease end a report that the named shadow connection died
-        still proves the shadow never promoted on it (see :meth:`SourceLease.handle`)."""
+        still proves the shadow never promoted on it (see :meth:`SourceLease.handle`):
+        ``D_min(1-2rho) - fresh(1+2rho) - 2 rho lease`` less 5 ms of rounding."""
         rho = self.rho
-        return (self.broker_dead_min_ms * (1 - rho) - self.fresh_ms * (1 + rho)
-                - self.hard_margin_ms) / 1000
+        return (self.broker_dead_min_ms * (1 - 2 * rho) - self.fresh_ms * (1 + 2 * rho)
+                - 2 * rho * self.lease_ms - 5) / 1000
 
 
 # ------------------------------------------------------------------------------- events
@@ -520,7 +529,10 @@ class SourceState(enum.Enum):
     PROTECTED = "protected"
     #: The lease lapsed: the primary is being stopped.
     FENCING = "fencing"
-    #: The primary is stopped; renewals go on so that an ack can give the lease back.
+    #: The primary is stopped; renewals go on so that an ack can give the lease back. After
+    #: ``reacquire`` it is killed and the lease released (handover), unless the named
+    #: shadow connection died: then it stays stopped (killing it could destroy the only
+    #: copy) until a shadow comes back and acknowledges, or an operator acts.
     FENCED = "fenced"
     #: The primary is gone and the lease released to the shadow. Terminal.
     RELEASED = "released"
@@ -612,7 +624,8 @@ class SourceLease:
         t = self.next_renewal
         if self.state is SourceState.PROTECTED:
             t = min(t, self.soft_deadline)
-        if self.state is SourceState.FENCED and self.fence_started is not None:
+        if (self.state is SourceState.FENCED and self.fence_started is not None
+                and self.named is not None):
             t = min(t, self.fence_started + self.timing.reacquire)
         return t
 
@@ -673,7 +686,7 @@ class SourceLease:
         if self.state is SourceState.PROTECTED and now >= self.soft_deadline:
             self._fence(now, "lease not renewed in time (no ack from the shadow)", out)
         if (self.state is SourceState.FENCED and self.fence_started is not None
-                and now >= self.fence_started + t.reacquire):
+                and self.named is not None and now >= self.fence_started + t.reacquire):
             out.append(KillPrimary(reason=f"fenced for {t.reacquire_ms} ms without getting "
                                           "the lease back: handing over to the shadow"))
             self.fence_started = math.inf  # ask once

@@ -64,6 +64,7 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.passwd = self.dir / "passwd"
         self.log = self.dir / "mosquitto.log"
+        self._configured = False
 
     @property
     def url(self) -> str:
@@ -116,8 +117,9 @@ class Mosquitto:
         """
         if self.proc is not None and self.proc.poll() is None:
             raise BrokerError(f"broker on {self.url} already runs (pid {self.proc.pid})")
-        if not self.conf.exists():
+        if not self._configured:
             self._configure()
+            self._configured = True
         offset = self.log.stat().st_size if self.log.exists() else 0
         binary = shutil.which("mosquitto") or MOSQUITTO
         self.proc = subprocess.Popen([*self.prefix, binary, "-c", str(self.conf)],

@@ -1,0 +1,229 @@
+"""Acceptance: network partitions between two "hosts" (network namespaces the test creates,
+linked by a veth pair that the test cuts with ``ip link set down``), and a broker outage.
+
+Each agent is a real CLI process, the link between them TCP with mutual TLS; the primary
+QEMU runs in the test's namespace (its QMP socket is a unix path, reachable from both).
+
+- the primary's host is cut off (the broker is on the shadow's side): the source agent
+  self-fences before the shadow promotes; afterwards exactly one copy runs, and a source
+  agent started again on the old primary refuses (a newer generation exists);
+- the shadow's host is cut off (the broker is on the primary's side): the shadow cannot
+  promote, the broker reports the shadow gone (mosquitto takes 2-3.4 s with keepalive
+  1 s), the primary runs on unprotected (if the report came after its lease, it was
+  stopped and is resumed: the report proves the shadow could not promote); it is never
+  killed; once the cut heals the shadow is named again;
+- the broker is down for longer than the lease while the link carries heartbeats: no
+  failover, no fencing; both agents come back to the broker when it returns, and a kill of
+  the primary is still failed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpshadow.cluster.mosquitto import Mosquitto, mosquitto_unavailable_reason
+from qmpshadow.qemu.accel import AccelChoice
+from qmpshadow.qemu.spec import VmSpec
+from qmpshadow.qemu.testguest import wait_for_counter
+from qmpshadow.testing.netns import Netns, netns_unavailable_reason, veth_between
+from tests.cluster.e2e import CLI, Agent, RunStates, cluster_args, kill_pid, write_spec
+from tests.integration.conftest import LaunchVm
+
+pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
+PORT = 47311
+
+
+def _skip_without_netns() -> None:
+    reason = netns_unavailable_reason() or mosquitto_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _certs(tmp: Path) -> Path:
+    certs = tmp / "certs"
+    subprocess.run([*CLI, "certs", "init", str(certs), "--names", "source,shadow"],
+                   check=True, capture_output=True)
+    return certs
+
+
+async def _two_hosts(launch_vm: LaunchVm, tmp: Path, tcg: AccelChoice, ns_p: Netns,
+                     ns_s: Netns, shadow_addr: str, broker: Mosquitto, lease_ms: int
+                     ) -> tuple[Any, Agent, Agent, Path, Path]:
+    certs = _certs(tmp)
+    spec_path = write_spec(tmp / "vm.toml", tmp / "primary.ram", name="part")
+    vm = await launch_vm(VmSpec.from_toml(spec_path), accel=tcg)
+    await wait_for_counter(vm.run.serial_log, timeout=30)
+    replica = tmp / "replica"
+    cargs = cluster_args(broker, lease_ms=lease_ms)
+    shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica", str(replica),
+                    "--listen", f"tcp:{shadow_addr}:{PORT}", "--tls", str(certs),
+                    "--accel", "tcg", "--json", *cargs], tmp / "shadow.out",
+                   prefix=ns_s.exec_argv([]))
+    await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+    source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
+                    str(vm.run.qmp2_sock), "--to", f"tcp:{shadow_addr}:{PORT}", "--tls",
+                    str(certs), "--interval", "200", "--json", "--fencer-log",
+                    str(tmp / "fencer.log"), *cargs], tmp / "source.out",
+                   prefix=ns_p.exec_argv([]))
+    await shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
+    await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 3,
+                            timeout=60)
+    return vm, shadow, source, replica, spec_path
+
+
+async def test_primary_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
+                                    tcg: AccelChoice) -> None:
+    _skip_without_netns()
+    lease_ms = 3000
+    with Netns.create() as ns_p, Netns.create() as ns_s:
+        veth = veth_between(ns_p, ns_s)  # host side = ns_p, peer side = ns_s
+        broker = Mosquitto(short_tmp / "broker", host=veth.peer_addr,
+                           prefix=ns_s.exec_argv([]))
+        broker.start()
+        vm, shadow, source, replica, spec_path = await _two_hosts(
+            launch_vm, short_tmp, tcg, ns_p, ns_s, veth.peer_addr, broker, lease_ms)
+        promoted_pid = None
+        try:
+            async with RunStates({"primary": vm.qmp,
+                                  "shadow": replica / "standby" / "qmp2.sock"}) as states:
+                cut_at = time.time()
+                veth.set_up(False)
+                ev = await shadow.wait_event(lambda e: e.get("event") == "failover",
+                                             timeout=30, allow_exit=True)
+                promoted_pid = ev["pid"]
+                veth.set_up(True)
+                # the dust settles: the old primary learns it was deposed, or hands over
+                await source.wait_exit(30)
+                await asyncio.sleep(0.5)
+            print("failover:", {k: ev[k] for k in ("reason", "detect_ms", "promote_ms")})
+            fenced = [e for e in source.events() if e.get("event") == "fenced"]
+            assert fenced, source.text()[-3000:]
+            # the source stopped its primary before the shadow decided, within the lease
+            assert fenced[0]["time"] < ev["decided_at"], (fenced[0], ev)
+            assert fenced[0]["time"] - cut_at < lease_ms / 1000
+            assert "lease expired" in ev["reason"]
+            assert ev["decided_at"] - cut_at >= lease_ms / 1000 - 0.3
+            assert states.overlap("primary", "shadow") == 0.0, (states.ran("primary"),
+                                                                states.ran("shadow"))
+            # exactly one copy runs
+            assert states.samples["shadow"][-1][1] is True
+            assert states.samples["primary"][-1][1] is False
+            ends = {e.get("event") for e in source.events()}
+            assert "lease-deposed" in ends or "handover" in ends, sorted(ends)
+            # a source agent started again on the old primary must refuse
+            again = subprocess.run(ns_p.exec_argv(
+                [*CLI, "protect", "--spec", str(spec_path), "--qmp", str(vm.run.qmp2_sock),
+                 "--to", f"tcp:{veth.peer_addr}:{PORT}", "--tls", str(short_tmp / "certs"),
+                 *cluster_args(broker, lease_ms=lease_ms)]),
+                capture_output=True, text=True, timeout=60)
+            assert again.returncode != 0
+            out = again.stdout + again.stderr
+            assert ("generation 2 is current" in out or "expected running" in out
+                    or "QMP socket" in out), out[-2000:]
+        finally:
+            source.close()
+            shadow.close()
+            kill_pid(promoted_pid)
+            broker.stop()
+
+
+async def test_shadow_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
+                                   tcg: AccelChoice) -> None:
+    _skip_without_netns()
+    lease_ms = 4000
+    with Netns.create() as ns_p, Netns.create() as ns_s:
+        veth = veth_between(ns_p, ns_s)
+        broker = Mosquitto(short_tmp / "broker", host=veth.host_addr,
+                           prefix=ns_p.exec_argv([]))
+        broker.start()
+        vm, shadow, source, replica, _ = await _two_hosts(
+            launch_vm, short_tmp, tcg, ns_p, ns_s, veth.peer_addr, broker, lease_ms)
+        try:
+            async with RunStates({"primary": vm.qmp,
+                                  "shadow": replica / "standby" / "qmp2.sock"}) as states:
+                cut_at = time.time()
+                veth.set_up(False)
+                ev = await source.wait_event(lambda e: e.get("event") == "lease-unprotected",
+                                             timeout=30)
+                print("unprotected after", round(ev["time"] - cut_at, 3), "s:", ev["reason"])
+                await asyncio.sleep(lease_ms / 1000 + 1)
+                assert shadow.count("failover") == 0
+                assert source.count("handover") == 0, source.text()[-2000:]
+                assert (await vm.qmp.query_status()).running
+                n_armed = shadow.count("watch-armed")
+                veth.set_up(True)
+                await shadow.wait_event(lambda e: e.get("event") == "watch-armed"
+                                        and shadow.count("watch-armed") > n_armed, timeout=30)
+                await source.wait_event(lambda e: e.get("event") == "lease-protected"
+                                        and e["time"] > cut_at, timeout=30)
+            assert not states.ran("shadow")
+            # the primary ran throughout: checkpoint pauses, at most one short fence
+            runs = states.ran("primary")
+            gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+            assert all(g < 1.5 for g in gaps), gaps
+            assert shadow.proc.poll() is None and source.proc.poll() is None
+        finally:
+            source.close()
+            shadow.close()
+            broker.stop()
+
+
+async def test_broker_outage_no_spurious_failover(launch_vm: LaunchVm, short_tmp: Path,
+                                                  tcg: AccelChoice) -> None:
+    reason = mosquitto_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lease_ms = 3000
+    broker = Mosquitto(short_tmp / "broker")
+    broker.start()
+    spec_path = write_spec(short_tmp / "vm.toml", short_tmp / "primary.ram", name="bo")
+    vm = await launch_vm(VmSpec.from_toml(spec_path), accel=tcg)
+    await wait_for_counter(vm.run.serial_log, timeout=30)
+    replica = short_tmp / "replica"
+    link = f"unix:{short_tmp / 'link.sock'}"
+    cargs = cluster_args(broker, lease_ms=lease_ms)
+    shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica", str(replica),
+                    "--listen", link, "--accel", "tcg", "--json", *cargs],
+                   short_tmp / "shadow.out")
+    source = None
+    promoted_pid = None
+    try:
+        await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+        source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
+                        str(vm.run.qmp2_sock), "--to", link, "--interval", "200", "--json",
+                        *cargs], short_tmp / "source.out")
+        await shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
+        await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 3,
+                                timeout=60)
+        broker.kill()
+        down_at = time.time()
+        await asyncio.sleep(1.5 * lease_ms / 1000)
+        committed_during = [e for e in shadow.events() if e.get("event") == "committed"
+                            and e["time"] > down_at]
+        assert committed_during, "epochs must keep flowing on the link"
+        assert shadow.count("failover") == 0 and shadow.count("promoting") == 0
+        assert source.count("fencing") == 0, source.text()[-2000:]
+        assert (await vm.qmp.query_status()).running
+        broker.start()
+        up_at = time.time()
+        await shadow.wait_event(lambda e: e.get("event") == "watch-armed"
+                                and e["time"] > up_at, timeout=30)
+        # and failover still works afterwards
+        vm.kill()
+        ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
+                                     allow_exit=True)
+        promoted_pid = ev["pid"]
+        assert "released" in ev["reason"]
+    finally:
+        if source is not None:
+            source.close()
+        shadow.close()
+        kill_pid(promoted_pid)
+        broker.stop()
