@@ -43,13 +43,14 @@ done
 say() { echo "rdma-guest/build.sh: $*" >&2; }
 
 # Guest packages. python3-cryptography is not listed: bookworm has 38, the project needs
-# >= 42 (certs.py uses not_valid_after_utc); its wheel comes from PyPI below.
+# >= 42 (certs.py uses not_valid_after_utc); its wheel comes from PyPI below, with qemu.qmp
+# (not packaged by Debian; pure Python).
 GUEST_PACKAGES=(
     python3 python3-pyverbs rdma-core ibverbs-providers iproute2 kmod
     python3-xxhash python3-zstandard python3-cffi-backend
     python3-pytest python3-pytest-asyncio
 )
-WHEELS=("cryptography>=42" "cffi>=1.12" "pycparser")
+WHEELS=("cryptography>=42" "cffi>=1.12" "pycparser" "qemu.qmp>=0.0.6")
 MODULES=(rdma_rxe ib_uverbs crc32_generic crc32_pclmul 9p 9pnet_virtio virtio_pci dummy veth)
 # Bump when the base recipe below changes in a way the lists above do not show.
 BASE_RECIPE=2

@@ -9,9 +9,10 @@ QEMU runs in the test's namespace (its QMP socket is a unix path, reachable from
   agent started again on the old primary refuses (a newer generation exists);
 - the shadow's host is cut off (the broker is on the primary's side): the shadow cannot
   promote, the broker reports the shadow gone (mosquitto takes 2-3.4 s with keepalive
-  1 s), the primary runs on unprotected (if the report came after its lease, it was
-  stopped and is resumed: the report proves the shadow could not promote); it is never
-  killed; once the cut heals the shadow is named again;
+  1 s, more on a loaded host), the primary runs on unprotected (if the report came a
+  little after its lease, it was stopped and is resumed: the report still proves the
+  shadow could not promote; if it came later still, the primary stays stopped); it is
+  never killed; once the cut heals the shadow is named again and the primary runs;
 - the broker is down for longer than the lease while the link carries heartbeats: no
   failover, no fencing; both agents come back to the broker when it returns, and a kill of
   the primary is still failed over.
@@ -150,24 +151,34 @@ async def test_shadow_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
                                   "shadow": replica / "standby" / "qmp2.sock"}) as states:
                 cut_at = time.time()
                 veth.set_up(False)
-                ev = await source.wait_event(lambda e: e.get("event") == "lease-unprotected",
-                                             timeout=30)
-                print("unprotected after", round(ev["time"] - cut_at, 3), "s:", ev["reason"])
-                await asyncio.sleep(lease_ms / 1000 + 1)
+                await asyncio.sleep(lease_ms / 1000 + 3)
                 assert shadow.count("failover") == 0
                 assert source.count("handover") == 0, source.text()[-2000:]
-                assert (await vm.qmp.query_status()).running
+                unprotected = [e for e in source.events()
+                               if e.get("event") == "lease-unprotected"]
+                if unprotected:
+                    print("unprotected after", round(unprotected[0]["time"] - cut_at, 3),
+                          "s:", unprotected[0]["reason"])
+                    assert (await vm.qmp.query_status()).running
+                else:
+                    # the broker's report came too late to prove the shadow did not
+                    # promote: the primary stays stopped (not killed) until the shadow
+                    # is back and acknowledges (seen on a heavily loaded host)
+                    print("the last will came late: the primary stays fenced until the heal")
+                    assert not (await vm.qmp.query_status()).running
                 n_armed = shadow.count("watch-armed")
                 veth.set_up(True)
                 await shadow.wait_event(lambda e: e.get("event") == "watch-armed"
                                         and shadow.count("watch-armed") > n_armed, timeout=30)
                 await source.wait_event(lambda e: e.get("event") == "lease-protected"
                                         and e["time"] > cut_at, timeout=30)
+                await asyncio.sleep(0.5)
+                assert (await vm.qmp.query_status()).running
             assert not states.ran("shadow")
-            # the primary ran throughout: checkpoint pauses, at most one short fence
-            runs = states.ran("primary")
-            gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
-            assert all(g < 1.5 for g in gaps), gaps
+            if unprotected:  # the primary ran throughout: checkpoint pauses, a short fence
+                runs = states.ran("primary")
+                gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+                assert all(g < 1.5 for g in gaps), gaps
             assert shadow.proc.poll() is None and source.proc.poll() is None
         finally:
             source.close()
