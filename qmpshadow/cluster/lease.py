@@ -28,6 +28,11 @@ The timing argument is in docs/failover.md; in short:
   connection died early enough that the shadow cannot have promoted on it, the primary
   stops naming it and runs without a lease; a shadow whose connection is not named
   cannot promote (P1), so a dead shadow does not take its primary down.
+- **Planned switchover**: the source agent stops the primary at an epoch boundary
+  (:class:`HandoverStarted`: FENCED for good, renewals go on so the shadow does not time
+  out), ships the final epoch and, once the shadow committed it, releases the lease
+  (:class:`HandoverCommitted`): the shadow promotes at once. If the shadow does not
+  commit, :class:`HandoverAborted` returns to the ordinary fenced rules.
 - **Release / handover**: when the primary QEMU exits (or stayed fenced for
   ``reacquire`` without getting its lease back, after which the agent kills it) the
   source agent releases the lease: the shadow may promote at once.
@@ -66,6 +71,9 @@ __all__ = [
     "FencerLost",
     "FencerSafe",
     "GenerationSeen",
+    "HandoverAborted",
+    "HandoverCommitted",
+    "HandoverStarted",
     "Heard",
     "KillPrimary",
     "ManualPromote",
@@ -353,6 +361,29 @@ class EndProtection(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HandoverStarted(Event):
+    """Planned switchover: the primary was stopped at its final epoch (source side).
+
+    From here the primary never resumes unless :class:`HandoverAborted` comes first; the
+    machine goes FENCED (renewals go on, so the shadow does not time out)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandoverAborted(Event):
+    """The switchover failed before the release (the shadow did not commit the final
+    epoch): back to the ordinary fenced rules (resume on a fresh ack, else hand over)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandoverCommitted(Event):
+    """The shadow committed the final epoch: release the lease to it (switchover)."""
+
+    reason: str = "planned switchover"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RenewalReceived(Event):
     """A renewal of the holder (shadow side). ``named`` is the broker connection it names
     (broker path); on the link only ``named_any`` (it names some shadow) is known."""
@@ -547,7 +578,7 @@ SOURCE_TRANSITIONS: Final[dict[SourceState, frozenset[SourceState]]] = {
     SourceState.UNPROTECTED: frozenset({SourceState.PROTECTED, SourceState.RELEASED,
                                         SourceState.DEPOSED, SourceState.ENDED}),
     SourceState.PROTECTED: frozenset({SourceState.UNPROTECTED, SourceState.FENCING,
-                                      SourceState.RELEASED, SourceState.DEPOSED,
+                                      SourceState.FENCED, SourceState.RELEASED, SourceState.DEPOSED,
                                       SourceState.ENDED}),
     SourceState.FENCING: frozenset({SourceState.FENCED, SourceState.RELEASED,
                                     SourceState.DEPOSED}),
@@ -563,7 +594,8 @@ _LIVE_SOURCE = frozenset({SourceState.UNPROTECTED, SourceState.PROTECTED,
                           SourceState.FENCING, SourceState.FENCED})
 _ALL_SOURCE_EVENTS = frozenset({Tick, AckReceived, ShadowOnline, ShadowOffline,
                                 GenerationSeen, StopConfirmed, PrimaryExited, FencerLost,
-                                EndProtection})
+                                EndProtection, HandoverStarted, HandoverAborted,
+                                HandoverCommitted})
 #: Which events each state reacts to (others are ignored).
 SOURCE_ACCEPTS: Final[dict[SourceState, frozenset[type[Event]]]] = {
     **{s: _ALL_SOURCE_EVENTS for s in _LIVE_SOURCE},
@@ -599,6 +631,8 @@ class SourceLease:
         self.unnamed_from = 0
         self.primary_running = True
         self.fencer_ok = True
+        #: A planned switchover holds the primary stopped at its final epoch.
+        self.handover = False
         self.history: list[SourceState] = [self.state]
 
     # -- queries -----------------------------------------------------------------------
@@ -658,8 +692,44 @@ class SourceLease:
         elif isinstance(event, FencerLost):
             self._fencer_lost(event, out)
         elif isinstance(event, EndProtection):
-            self._end(event.now, out)
+            if not self.handover:  # a switchover in progress finishes or aborts first
+                self._end(event.now, out)
+        elif isinstance(event, HandoverStarted):
+            self._handover_start(event, out)
+        elif isinstance(event, HandoverAborted):
+            self._handover_abort(event, out)
+        elif isinstance(event, HandoverCommitted):
+            if self.state is SourceState.FENCED and self.handover:
+                self._goto(SourceState.RELEASED, f"{event.reason}: the shadow committed "
+                                                 "the final epoch", out)
+                out.append(AnnounceRelease(generation=self.generation, reason=event.reason))
+                out.append(FencerSafe())
         return out
+
+    def _handover_start(self, ev: HandoverStarted, out: list[Action]) -> None:
+        if self.state not in (SourceState.PROTECTED, SourceState.FENCING) or self.ending:
+            return  # the shell checks :attr:`handover` and reports the refusal
+        self.handover = True
+        self.resume_unprotected = False
+        self.fence_started = math.inf  # never killed, never re-acquired while handing over
+        self._goto(SourceState.FENCED, "planned switchover: the primary is stopped at its "
+                                       "final epoch", out)
+        out.append(FencerSafe())
+
+    def _handover_abort(self, ev: HandoverAborted, out: list[Action]) -> None:
+        if self.state is not SourceState.FENCED or not self.handover:
+            return
+        self.handover = False
+        # ordinary fenced rules from now: a renewal sent from now on that the shadow
+        # acknowledges in time gives the lease back (ResumePrimary), else hand over
+        self.fence_started = ev.now
+        if self.named is None and self.resume_unprotected:
+            self.resume_unprotected = False
+            self.fence_started = None
+            self._goto(SourceState.UNPROTECTED, "switchover aborted and the shadow is gone "
+                                                "(broker last will in time): resuming "
+                                                "unprotected", out)
+            out.append(ResumePrimary(reason="switchover aborted"))
 
     def _goto(self, new: SourceState, reason: str, out: list[Action]) -> None:
         if new is self.state:
@@ -727,6 +797,7 @@ class SourceLease:
             if self._extend(end):
                 out.append(ArmFencer(deadline=self.hard_deadline))
         elif (self.state is SourceState.FENCED and self.named is not None and self.fencer_ok
+              and not self.handover
               and self.fence_started is not None and sent >= self.fence_started
               and ev.now < end - self.timing.soft_margin and not self.ending):
             # the shadow received a renewal sent after we stopped, and acked it: it had
@@ -785,8 +856,8 @@ class SourceLease:
             self._goto(SourceState.UNPROTECTED, f"shadow connection {ev.conn} died (broker "
                                                 "last will): running unprotected", out)
             out.append(FencerSafe())
-        elif self.state is SourceState.FENCING:
-            self.resume_unprotected = True
+        elif self.state is SourceState.FENCING or self.handover:
+            self.resume_unprotected = True  # (after the stop / an aborted switchover)
         elif self.state is SourceState.FENCED and self.fence_started != math.inf:
             self.fence_started = None
             self._goto(SourceState.UNPROTECTED, f"shadow connection {ev.conn} died before it "
