@@ -1,9 +1,9 @@
-"""``qmpshadow demo``: the project's main job, end to end on real QEMU.
+"""``qmpshadow demo --foundation``: the first demo, end to end on real QEMU.
 
-Foundation version (until automatic failover lands): boot the test guest, receive a live
-migration of it through qmpshadow's stream inspector while recording it, show what the
-stream held, then replay the recording into a fresh destination QEMU and show the guest
-carrying on with its memory self-check intact (``mism=0``).
+Boot the test guest, receive a live migration of it through qmpshadow's stream inspector
+while recording it, show what the stream held, then replay the recording into a fresh
+destination QEMU and show the guest carrying on with its memory self-check intact
+(``mism=0``).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ async def run_demo(*, out_dir: Path, mem_mib: int = 256, accel_pref: str = "auto
 
 def main(args: Any) -> int:
     """CLI entry for ``qmpshadow demo``."""
-    result = asyncio.run(run_demo(out_dir=Path(args.out), mem_mib=args.mem,
+    result = asyncio.run(run_demo(out_dir=Path(args.out), mem_mib=args.mem or 256,
                                   accel_pref=args.accel, json_out=args.json))
     if args.json:
         json.dump(result, sys.stdout)

@@ -1,0 +1,106 @@
+"""Split-brain watch: poll the run state of several QEMUs and keep when each ran.
+
+:class:`RunStates` asks ``query-status`` of each named QEMU (a QMP socket path, or an open
+:class:`~qmpshadow.qmp.control.QmpControl`) every ``period`` seconds and keeps the samples;
+:meth:`RunStates.overlap` is the time two of them were both seen running (0.0: never two
+running copies). A QEMU that does not answer counts as not running. Used by the fault
+tests and by ``qmpshadow demo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from qmpshadow.errors import QmpShadowError
+from qmpshadow.qmp.control import QmpControl
+
+__all__ = ["RunStates"]
+
+
+class RunStates:
+    """Polls ``query-status`` of named QEMUs (QMP socket paths) every ``period`` s."""
+
+    def __init__(self, socks: dict[str, Path | QmpControl], period: float = 0.005) -> None:
+        self.socks = socks
+        self.period = period
+        self.samples: dict[str, list[tuple[float, bool]]] = {n: [] for n in socks}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> RunStates:
+        for name, sock in self.socks.items():
+            self._tasks.append(asyncio.create_task(self._poll(name, sock)))
+        await asyncio.sleep(0.2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _poll(self, name: str, sock: Path | QmpControl) -> None:
+        qmp: QmpControl | None = None
+        if isinstance(sock, QmpControl):
+            while True:
+                try:
+                    running = (await sock.query_status(timeout=0.5)).running
+                except QmpShadowError:
+                    running = False
+                self.samples[name].append((time.time(), running))
+                await asyncio.sleep(self.period)
+        try:
+            while True:
+                running = False
+                try:
+                    if qmp is None:
+                        qmp = await QmpControl.open(sock, timeout=0.5)
+                    st = await qmp.query_status(timeout=0.5)
+                    running = st.running
+                except QmpShadowError:
+                    if qmp is not None:
+                        await qmp.close()
+                    qmp = None
+                self.samples[name].append((time.time(), running))
+                await asyncio.sleep(self.period)
+        finally:
+            if qmp is not None:
+                await qmp.close()
+
+    def running_now(self, name: str) -> bool | None:
+        """The latest sample of ``name`` (None before the first)."""
+        s = self.samples[name]
+        return s[-1][1] if s else None
+
+    def ran(self, name: str) -> list[tuple[float, float]]:
+        """Intervals (first, last sample) in which ``name`` was seen running."""
+        out: list[tuple[float, float]] = []
+        start = last = None
+        for t, running in self.samples[name]:
+            if running:
+                if start is None:
+                    start = t
+                last = t
+            elif start is not None and last is not None:
+                out.append((start, last))
+                start = last = None
+        if start is not None and last is not None:
+            out.append((start, last))
+        return out
+
+    def overlap(self, a: str, b: str) -> float:
+        """Seconds during which both were *seen* running (0.0: never both)."""
+        total = 0.0
+        for s1, e1 in self.ran(a):
+            for s2, e2 in self.ran(b):
+                total += max(0.0, min(e1, e2) - max(s1, s2))
+        return total
+
+    def both_seen(self, a: str, b: str) -> int:
+        """Sample pairs (same poll round, ±period) where both reported running."""
+        runs_b = [t for t, r in self.samples[b] if r]
+        n = 0
+        for t, r in self.samples[a]:
+            if r and any(abs(t - tb) <= self.period * 2 for tb in runs_b):
+                n += 1
+        return n
