@@ -15,10 +15,16 @@ import sys
 
 from qmpshadow.frames import EpochWriter, RamBlock, encode_pages
 from qmpshadow.frames.wire import DeviceStateFormat
-from qmpshadow.transport import LinkOptions
+from qmpshadow.transport import Link, LinkOptions, rdma
 from tests.transport.cases import connect_spec
 
 PS = 4096
+
+
+def _blocked(link: Link) -> bool:
+    if isinstance(link, rdma.RdmaLink):
+        return link.send_waiting
+    return bool(link._proto.write_paused)  # type: ignore[attr-defined]
 
 
 async def main(spec: dict[str, object], mode: str) -> None:
@@ -34,9 +40,10 @@ async def main(spec: dict[str, object], mode: str) -> None:
         big = asyncio.create_task(
             link.send(w.device_state(DeviceStateFormat.QEMU_SECTIONS, bytes(32 << 20))))
         # Blocked part-way: the transport holds a full write buffer of the frame, and what
-        # preceded it went to the kernel (a test peeks at the link's protocol for this).
-        async with asyncio.timeout(20):
-            while not link._proto.write_paused:  # type: ignore[attr-defined]
+        # preceded it went to the kernel (a stream link's protocol pauses writing), or, over
+        # RDMA, the peer's ring is full and send() waits for credits (send_waiting).
+        async with asyncio.timeout(30):
+            while not _blocked(link):
                 await asyncio.sleep(0.005)
         print("blocked", flush=True)
         await big
