@@ -1,7 +1,9 @@
 """A tiny JSON-lines control socket (unix, mode 0600) for a running agent.
 
-Request ``{"cmd": "status"}`` or ``{"cmd": "promote"}``; the answer is one JSON object with
-``"ok": true`` and the result, or ``"ok": false`` and ``"error"``.
+Request ``{"cmd": "status"}``, ``{"cmd": "promote"}`` (shadow agent) or
+``{"cmd": "switchover"}`` (source agent; optional ``commit_timeout``/``promote_timeout``);
+the answer is one JSON object with ``"ok": true`` and the result, or ``"ok": false`` and
+``"error"``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ControlServer:
         self.path = str(path)
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
+        self._busy: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Listen (replacing a stale socket). Raises ConfigError when it cannot."""
@@ -39,8 +42,10 @@ class ControlServer:
             raise ConfigError(f"cannot listen on control socket {self.path}: {exc}") from None
         os.chmod(self.path, 0o600)
 
-    async def close(self) -> None:
-        """Stop listening."""
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop listening; requests in flight get ``grace`` seconds to answer."""
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=grace)
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -48,11 +53,16 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._busy.add(task)  # close() lets a request in flight answer
         try:
             line = await reader.readline()
             try:
                 req = json.loads(line)
                 handler = self.handlers[req["cmd"]]
+                if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                    raise TypeError(req)
                 answer = {"ok": True, **await handler(req)}
             except (ValueError, KeyError, TypeError):
                 answer = {"ok": False, "error": f"expected one JSON object with cmd in "
@@ -65,20 +75,24 @@ class ControlServer:
             pass
         finally:
             writer.close()
+            if task is not None:
+                self._busy.discard(task)
 
 
-async def request(path: str | Path, cmd: str, *, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one command to an agent's control socket and return its answer.
+async def request(path: str | Path, cmd: str, *, timeout: float = 30.0,
+                  args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send one command (with ``args``) to an agent's control socket; return its answer.
 
     Raises QmpShadowError when the agent is unreachable, times out or reports an error.
     """
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
     except (OSError, TimeoutError) as exc:
-        raise QmpShadowError(f"no agent answers on control socket {path}: {exc}; is "
-                             "`qmpshadow shadow` running with that --control?") from None
+        raise QmpShadowError(f"no agent answers on control socket {path}: {exc}; is the "
+                             "agent (`qmpshadow shadow`, or `qmpshadow protect` with "
+                             "--control) running with that socket?") from None
     try:
-        writer.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+        writer.write(json.dumps({**(args or {}), "cmd": cmd}).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     except TimeoutError:

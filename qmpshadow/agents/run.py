@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,14 +95,20 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                       source: str, ack: str, interval_ms: int, status: StatusFn,
                       max_epochs: int = 0, generation: int = 1,
                       cluster: ClusterOptions | None = None,
-                      fencer_log: Path | None = None) -> str:
+                      fencer_log: Path | None = None, control: Path | None = None,
+                      metrics: str | None = None) -> str:
     """Protect a running primary until interrupted (or ``max_epochs`` epochs).
 
     With ``cluster`` the agent also holds the primary's lease through the broker, renews
     it on both paths, self-fences when it cannot, arms a fencer process, and releases the
     lease at once when the primary exits (see qmpshadow.cluster.source_side). Returns
     ``"done"`` (epochs reached or interrupted), ``"released"`` (the primary exited and the
-    shadow was told) or ``"ended"`` (protection ended cleanly).
+    shadow was told), ``"ended"`` (protection ended cleanly) or ``"switched-over"`` (a
+    planned switchover moved the VM to the shadow).
+
+    ``control``: a JSON-lines control socket with ``status`` and ``switchover`` (the
+    latter needs ``cluster`` and the shared-ram source). ``metrics``: HOST:PORT of a
+    Prometheus endpoint (qmpshadow.agents.metrics).
 
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
     exists, QmpShadowError subclasses otherwise.
@@ -116,6 +123,12 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
 
         # before our QMP session: the socket serves one client at a time
         primary = PrimaryProcess(pid_of_socket(qmp_path))
+    mets = None
+    if metrics is not None:
+        from .metrics import AgentMetrics
+
+        mets = AgentMetrics("source", spec.name, cluster=cluster is not None)
+        status = mets.wrap(status)
     qmp = await QmpControl.open(qmp_path, timeout=10)
     mem = spec.memory
     pages = (mem.size_mib << 20) // 4096
@@ -128,6 +141,49 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     cl: SourceCluster | None = None
     outcome = "done"
     colo_task: asyncio.Task[None] | None = None
+    shared: list[SharedRamSource] = []  # the shared-ram source, once open
+    server: ControlServer | None = None
+
+    async def do_status(_req: dict[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "vm": spec.name, "source": source, "captured": agent.stats.captured,
+            "committed": agent.stats.committed, "lag": agent.lag,
+            "link": agent.link is not None and agent.link.is_open,
+            "generation": cl.sm.generation if cl is not None else generation}
+        if cl is not None:
+            doc.update(lease=cl.sm.state.value, broker_connected=cl.bus.connected)
+        return doc
+
+    async def do_switchover(req: dict[str, Any]) -> dict[str, Any]:
+        if cl is None:
+            raise ConfigError("switchover needs automatic failover: run `qmpshadow protect` "
+                              "with --broker (the shadow agent too)")
+        if source != "shared-ram" or not shared:
+            raise ConfigError(f"switchover needs the shared-ram source (this agent uses "
+                              f"{source}; COLO switchover is not implemented)")
+        src = shared[0]
+
+        async def final() -> tuple[Any, float | None]:
+            ep = await src.checkpoint(full=agent.need_full, resume=False)
+            return ep, src.stopped_at
+
+        return await cl.switchover(final,
+                                   commit_timeout=float(req.get("commit_timeout", 10.0)),
+                                   promote_timeout=float(req.get("promote_timeout", 30.0)))
+
+    def live_source_metrics() -> None:
+        if mets is None:
+            return
+
+        def age() -> float | None:
+            at = cl.last_ack_at if cl is not None else None
+            return None if at is None else time.monotonic() - at
+
+        mets.values.update(
+            epoch_lag=lambda: agent.lag, committed_epoch=lambda: agent.stats.committed,
+            heartbeat_age_seconds=age, epochs=lambda: agent.stats.captured,
+            bytes_shipped=lambda: agent.stats.wire_bytes,
+            generation=lambda: cl.sm.generation if cl is not None else generation)
 
     async def colo_fence() -> None:
         if colo_task is not None:
@@ -148,6 +204,17 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                                    fencer_log=fencer_log,
                                    before_stop=colo_fence if source == "colo" else None)
                 await cl.start()
+            if mets is not None and metrics is not None:
+                live_source_metrics()
+                host, port = mets.serve(metrics)
+                status({"event": "metrics-listening", "role": "source", "host": host,
+                        "port": port, "url": f"http://{host}:{port}/metrics"})
+            if control is not None:
+                server = ControlServer(control, {"status": do_status,
+                                                 "switchover": do_switchover})
+                await server.start()
+                status({"event": "control-listening", "role": "source",
+                        "control": str(control)})
             if source == "colo":
                 done = asyncio.Event()
 
@@ -182,8 +249,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     raise ConfigError("the shared-ram source needs memory.backend = 'file' "
                                       "with mem_path in the VM spec")
                 src = SharedRamSource(qmp, mem_path=mem.mem_path, main_block=mem.backend_id,
-                                      sock_path=sock)
+                                      sock_path=sock, size=mem.size_mib << 20)
                 await src.open()
+                shared.append(src)
                 try:
                     await _shared_ram_loop(agent, src, cl, ckpt_lock, interval_ms,
                                            max_epochs)
@@ -199,12 +267,16 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     else:
                         raise exc
                 else:
-                    outcome = "ended"
+                    outcome = "switched-over" if cl.switchover_result else "ended"
         finally:
+            if server is not None:
+                await server.close()  # lets an answer in flight (switchover) go out
             if cl is not None:
                 await cl.close(end=outcome == "done")
             await agent.close()
             await qmp.close()
+            if mets is not None:
+                mets.close()
     status({"event": "protect-finished", "outcome": outcome})
     return outcome
 
@@ -259,7 +331,8 @@ async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
 async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: LinkSecurity,
                      control: Path, accel: str, status: StatusFn,
                      ready: Callable[[], None] | None = None,
-                     cluster: ClusterOptions | None = None) -> dict[str, Any]:
+                     cluster: ClusterOptions | None = None,
+                     metrics: str | None = None) -> dict[str, Any]:
     """Run the shadow agent until a promotion (returns its result) or interruption.
 
     With ``cluster`` the promotion is automatic: on a released lease, or once the lease
@@ -269,6 +342,12 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
     Raises ConfigError / QmpShadowError subclasses.
     """
     choice = detect_accel(accel if accel != "auto" else spec.accel)
+    mets = None
+    if metrics is not None:
+        from .metrics import AgentMetrics
+
+        mets = AgentMetrics("shadow", spec.name, cluster=cluster is not None)
+        status = mets.wrap(status)
     replica = Replica.open(replica_dir, durable=True)
     standby = Standby(spec, RunPaths.create(replica_dir / "standby"),
                       ram_path=replica.ram_path, accel=choice)
@@ -328,6 +407,26 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
                     promoted.set_result(fut.result())
             sc.promoted.add_done_callback(relay)
 
+        if mets is not None and metrics is not None:
+            shadow_agent = agent
+
+            def age() -> float | None:
+                heard = max(shadow_agent.last_frame_at,
+                            sc.sm.last_heard if sc is not None else 0.0)
+                return time.monotonic() - heard if heard > 0 else None
+
+            def lag() -> float:
+                begun = replica.open_epoch
+                return max(0, begun - replica.committed_epoch) if begun else 0
+
+            mets.values.update(
+                epoch_lag=lag, committed_epoch=lambda: replica.committed_epoch,
+                heartbeat_age_seconds=age, epochs=lambda: shadow_agent.epochs_committed,
+                bytes_received=lambda: shadow_agent.bytes_received,
+                generation=lambda: sc.sm.generation if sc is not None else replica.generation)
+            host, port = mets.serve(metrics)
+            status({"event": "metrics-listening", "role": "shadow", "host": host,
+                    "port": port, "url": f"http://{host}:{port}/metrics"})
         server = ControlServer(control, {"status": do_status, "promote": do_promote})
         await server.start()
         status({"event": "shadow-ready", "vm": spec.name, "listen": str(listen),
@@ -354,3 +453,5 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
             await lst.close()
         await standby.close()
         replica.close()
+        if mets is not None:
+            mets.close()

@@ -64,6 +64,13 @@ class ShadowAgent:
         #: Frames of a generation below this one are refused (set after a promotion).
         self.min_generation = 0
         self._hb_task: asyncio.Task[None] | None = None
+        self._bytes_closed = 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received from sources on all links so far (for metrics)."""
+        link = self.link
+        return self._bytes_closed + (link.stats.bytes_received if link is not None else 0)
 
     @property
     def session(self) -> str:
@@ -199,4 +206,5 @@ class ShadowAgent:
                 replica.abort()
             if self.link is link:
                 self.link = None
+            self._bytes_closed += link.stats.bytes_received  # after: never counted twice
 

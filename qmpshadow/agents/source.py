@@ -223,8 +223,13 @@ class SourceAgent:
                 if not fut.done():
                     fut.set_exception(QmpShadowError("link to the shadow ended before its ack"))
 
-    async def ship(self, ep: CapturedEpoch) -> None:
+    async def ship(self, ep: CapturedEpoch, *, wait: bool | None = None,
+                   timeout: float | None = None) -> bool:
         """Send one captured epoch (full when the shadow's state is uncertain).
+
+        ``wait``/``timeout`` override ``wait_ack``/``ack_timeout`` for this epoch (a
+        switchover's final epoch is always shipped synchronously). Returns True when the
+        shadow acknowledged the epoch before this returned (only known when waiting).
 
         Link failures do not raise: the epoch is counted as not committed and the next one
         goes full over a new link. Raises QmpShadowError only for encoding bugs.
@@ -239,12 +244,12 @@ class SourceAgent:
         except QmpShadowError as exc:
             log.warning("shadow unreachable, epoch %d not shipped: %s", ep.number, exc)
             self._emit(ep, None, error=str(exc))
-            return
+            return False
         if self._need_full and not ep.full:
             if self.mirror is None:
                 # shared-RAM source: the driver takes a full checkpoint next (need_full)
                 self._emit(ep, None, error="the shadow needs a full epoch; not shipped")
-                return
+                return False
             ep = self.mirror.full_epoch(ep)
             self.stats.resyncs += 1
         self._need_full = False
@@ -263,17 +268,21 @@ class SourceAgent:
             self._need_full = True
             self._acks.pop(ep.number, None)
             self._emit(ep, stats, error=str(exc))
-            return
+            return False
         self.stats.wire_bytes += stats.wire_bytes
         self.stats.raw_bytes += stats.raw_bytes
         self.stats.last = stats
-        if self.wait_ack:
+        acked = False
+        if self.wait_ack if wait is None else wait:
             try:
-                await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout)
+                await asyncio.wait_for(asyncio.shield(fut),
+                                       self.ack_timeout if timeout is None else timeout)
+                acked = True
             except (TimeoutError, QmpShadowError) as exc:
                 log.warning("no ack for epoch %d: %s", ep.number, exc or "timeout")
                 self._need_full = True
         self._emit(ep, stats)
+        return acked
 
     def _emit(self, ep: CapturedEpoch, stats: EncodeStats | None, error: str = "") -> None:
         if self.on_status is None:

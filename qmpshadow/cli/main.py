@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import certs_cmd, demo_cmd, migrate_cmd, protect_cmd, stream_cmd
+from . import certs_cmd, demo_cmd, migrate_cmd, protect_cmd, stream_cmd, switchover_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cmd.register(sub)
     migrate_cmd.register(sub)
     protect_cmd.register(sub)
+    switchover_cmd.register(sub)
     return parser
 
 

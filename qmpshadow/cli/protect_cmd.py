@@ -63,6 +63,10 @@ def register(sub: Any) -> None:
                    "protect the new primary with a higher one)")
     p.add_argument("--fencer-log", type=Path, metavar="FILE",
                    help="append the fencer process's log to FILE")
+    p.add_argument("--control", type=Path, metavar="SOCK",
+                   help="control socket (status, switchover) for `qmpshadow switchover`")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics")
     _security(p, "source", "shadow")
     _cluster(p)
     p.set_defaults(func=run_protect)
@@ -75,6 +79,8 @@ def register(sub: Any) -> None:
     s.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT")
     s.add_argument("--control", type=Path, help="control socket (default REPLICA/control.sock)")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics")
     _security(s, "shadow", "source")
     _cluster(s)
     s.set_defaults(func=run_shadow)
@@ -134,9 +140,13 @@ def run_protect(args: argparse.Namespace) -> int:
                                interval_ms=args.interval,
                                status=StatusLine(json_mode=args.json),
                                max_epochs=args.epochs, generation=args.generation,
-                               cluster=_cluster_options(args), fencer_log=args.fencer_log))
+                               cluster=_cluster_options(args), fencer_log=args.fencer_log,
+                               control=args.control, metrics=args.metrics))
     if outcome == "released" and not args.json:
         print("the primary exited; its lease was released to the shadow", file=sys.stderr)
+    elif outcome == "switched-over" and not args.json:
+        print("switched over: the VM runs on the shadow's host; this primary was killed",
+              file=sys.stderr)
     return 0
 
 
@@ -155,7 +165,7 @@ def run_shadow(args: argparse.Namespace) -> int:
                               listen=Endpoint.parse(args.listen), sec=_sec(args),
                               control=control, accel=args.accel,
                               status=StatusLine(json_mode=args.json),
-                              cluster=_cluster_options(args)))
+                              cluster=_cluster_options(args), metrics=args.metrics))
     if not args.json:
         print(f"promoted: epoch {result['epoch']} running in {result['total_ms']:.1f} ms "
               f"(QEMU pid {result['pid']})")

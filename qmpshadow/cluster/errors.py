@@ -44,3 +44,8 @@ class DeposedError(ClusterError):
 class PrimaryGoneError(ClusterError):
     """The protected primary QEMU exited (or was fenced and handed over); the lease was
     released so that the shadow takes over."""
+
+
+class SwitchoverError(ClusterError):
+    """A planned switchover was refused or failed; the message says in which state it left
+    the primary (still running, resuming, or stopped for good after the release)."""

@@ -38,7 +38,8 @@ The timing argument is in docs/failover.md; in short:
   source agent releases the lease: the shadow may promote at once.
 
 Link encoding: a HEARTBEAT frame's ``seq`` carries the renewal number plus
-:data:`RELEASE_FLAG` (the lease is released) or :data:`UNNAMED_FLAG` (no shadow named).
+:data:`RELEASE_FLAG` (the lease is released; with :data:`HANDOVER_FLAG` for a planned
+switchover) or :data:`UNNAMED_FLAG` (no shadow named).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import Final
 from qmpshadow.errors import ConfigError
 
 __all__ = [
+    "HANDOVER_FLAG",
     "RELEASE_FLAG",
     "SEQ_MASK",
     "SHADOW_ACCEPTS",
@@ -98,6 +100,7 @@ __all__ = [
     "StopPrimary",
     "Tick",
     "Transition",
+    "link_handover",
     "link_seq",
     "parse_link_seq",
 ]
@@ -106,14 +109,17 @@ __all__ = [
 RELEASE_FLAG: Final = 1 << 63
 #: HEARTBEAT ``seq`` bit: this renewal names no shadow (the primary runs unprotected).
 UNNAMED_FLAG: Final = 1 << 62
+#: HEARTBEAT ``seq`` bit, with RELEASE_FLAG: the release is a planned switchover.
+HANDOVER_FLAG: Final = 1 << 61
 #: The renewal number's bits in a HEARTBEAT ``seq``.
-SEQ_MASK: Final = UNNAMED_FLAG - 1
+SEQ_MASK: Final = HANDOVER_FLAG - 1
 
 _NEVER = -math.inf
 _MAX_DEAD_CONNS = 64
 
 
-def link_seq(seq: int, *, release: bool = False, named: bool = True) -> int:
+def link_seq(seq: int, *, release: bool = False, named: bool = True,
+             handover: bool = False) -> int:
     """The HEARTBEAT ``seq`` of renewal ``seq`` (flags: released, names no shadow).
 
     Raises:
@@ -121,7 +127,13 @@ def link_seq(seq: int, *, release: bool = False, named: bool = True) -> int:
     """
     if not 0 < seq <= SEQ_MASK:
         raise ConfigError(f"renewal number must be in [1, {SEQ_MASK}], got {seq}")
-    return seq | (RELEASE_FLAG if release else 0) | (0 if named else UNNAMED_FLAG)
+    return (seq | (RELEASE_FLAG if release else 0) | (0 if named else UNNAMED_FLAG)
+            | (HANDOVER_FLAG if handover and release else 0))
+
+
+def link_handover(value: int) -> bool:
+    """True when a released HEARTBEAT ``seq`` says the release is a planned switchover."""
+    return bool(value & RELEASE_FLAG and value & HANDOVER_FLAG)
 
 
 def parse_link_seq(value: int) -> tuple[int, bool, bool]:
@@ -699,11 +711,7 @@ class SourceLease:
         elif isinstance(event, HandoverAborted):
             self._handover_abort(event, out)
         elif isinstance(event, HandoverCommitted):
-            if self.state is SourceState.FENCED and self.handover:
-                self._goto(SourceState.RELEASED, f"{event.reason}: the shadow committed "
-                                                 "the final epoch", out)
-                out.append(AnnounceRelease(generation=self.generation, reason=event.reason))
-                out.append(FencerSafe())
+            self._handover_commit(event, out)
         return out
 
     def _handover_start(self, ev: HandoverStarted, out: list[Action]) -> None:
@@ -714,6 +722,14 @@ class SourceLease:
         self.fence_started = math.inf  # never killed, never re-acquired while handing over
         self._goto(SourceState.FENCED, "planned switchover: the primary is stopped at its "
                                        "final epoch", out)
+        out.append(FencerSafe())
+
+    def _handover_commit(self, ev: HandoverCommitted, out: list[Action]) -> None:
+        if self.state is not SourceState.FENCED or not self.handover:
+            return
+        self._goto(SourceState.RELEASED, f"{ev.reason}: the shadow committed the final "
+                                         "epoch", out)
+        out.append(AnnounceRelease(generation=self.generation, reason=ev.reason))
         out.append(FencerSafe())
 
     def _handover_abort(self, ev: HandoverAborted, out: list[Action]) -> None:

@@ -41,6 +41,7 @@ from qmpshadow.cluster.lease import (
     ShadowWatch,
     Tick,
     Transition,
+    link_handover,
     parse_link_seq,
 )
 from qmpshadow.cluster.messages import (
@@ -239,8 +240,10 @@ class ShadowCluster:
         if isinstance(frame, Heartbeat):
             seq, release, named = parse_link_seq(frame.seq)
             if release:
-                self._release(frame.generation, PathKind.LINK, self.agent.session,
-                              "released (link)", frame.timestamp_ns / 1e9)
+                why = ("planned switchover (link)" if link_handover(frame.seq)
+                       else "released (link)")
+                self._release(frame.generation, PathKind.LINK, self.agent.session, why,
+                              frame.timestamp_ns / 1e9)
                 return
             self.stats["renewals_link"] += 1
             self._feed(RenewalReceived(now=now, path=PathKind.LINK, seq=seq,

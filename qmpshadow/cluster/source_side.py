@@ -13,7 +13,10 @@ primary's exit to the machine, and carries out its actions:
   QMP EOF (then the process is made sure gone), releases the lease at once on both paths,
   so that the shadow promotes without waiting for the lease to run out;
 - **handover**: a primary fenced for ``reacquire`` is killed and the lease released;
-- retained ``lease`` and ``state`` documents and ``events`` for every transition.
+- retained ``lease`` and ``state`` documents and ``events`` for every transition;
+- **planned switchover** (:meth:`SourceCluster.switchover`): final epoch with the primary
+  stopped, shipped and committed synchronously, lease released to the shadow, the shadow's
+  ``promoted`` event awaited, the old primary killed.
 
 :attr:`SourceCluster.running` is set while checkpoints may run; :attr:`SourceCluster.done`
 resolves when protection ends: with :class:`PrimaryGoneError` (released),
@@ -31,7 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmpshadow.cluster.errors import ClusterError, DeposedError, PrimaryGoneError
+from qmpshadow.cluster.errors import (
+    ClusterError,
+    DeposedError,
+    PrimaryGoneError,
+    SwitchoverError,
+)
 from qmpshadow.cluster.fencer import Fencer
 from qmpshadow.cluster.lease import (
     AckReceived,
@@ -44,6 +52,9 @@ from qmpshadow.cluster.lease import (
     FencerLost,
     FencerSafe,
     GenerationSeen,
+    HandoverAborted,
+    HandoverCommitted,
+    HandoverStarted,
     KillPrimary,
     PathKind,
     PrimaryExited,
@@ -142,6 +153,12 @@ class SourceCluster:
         self._epoch = 0
         self._committed = 0
         self.stats = {"renewals": 0, "acks_link": 0, "acks_broker": 0, "refused": 0}
+        #: monotonic time of the latest ack from the shadow (either path), for metrics
+        self.last_ack_at: float | None = None
+        self._switching = False
+        self._promoted_seen: asyncio.Future[EventDoc] | None = None
+        #: the result of a completed switchover (then :attr:`done` resolves normally)
+        self.switchover_result: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -343,6 +360,7 @@ class SourceCluster:
             if isinstance(msg, ShadowHeartbeat):
                 if msg.ack_seq is not None and msg.ack_session == self.sm.session:
                     self.stats["acks_broker"] += 1
+                    self.last_ack_at = now
                     self._feed(AckReceived(now=now, seq=msg.ack_seq, generation=msg.gen,
                                            path=PathKind.BROKER, session=self.sm.session))
                 self._feed(ShadowOnline(now=now, conn=msg.conn, generation=msg.gen))
@@ -358,6 +376,11 @@ class SourceCluster:
         elif suffix == "state" and isinstance(msg, StateDoc):
             self._feed(GenerationSeen(now=now, generation=msg.gen,
                                       what=f"state of {msg.primary}"))
+        elif (suffix == "events" and isinstance(msg, EventDoc) and msg.role == "shadow"
+              and msg.event == "promoted" and msg.gen > self.sm.generation and not retained):
+            fut = self._promoted_seen
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
 
     def _early_message(self, suffix: str, msg: Message, retained: bool, now: float) -> None:
         """Before start() is done: keep the retained lease and the shadow's latest status."""
@@ -373,6 +396,7 @@ class SourceCluster:
     def _link_heartbeat(self, frame: Heartbeat) -> None:
         seq, _release, _named = parse_link_seq(frame.seq)
         self.stats["acks_link"] += 1
+        self.last_ack_at = time.monotonic()
         self._feed(AckReceived(now=time.monotonic(), seq=seq, generation=frame.generation,
                                path=PathKind.LINK))
 
@@ -469,8 +493,8 @@ class SourceCluster:
         # the link first: it is the fastest path to the shadow
         await self.agent.send_now(Heartbeat(
             generation=a.generation, epoch=self._committed,
-            seq=link_seq(self.sm.seq + 1, release=True), timestamp_ns=int(
-                self.released_at * 1e9)), timeout=0.5)
+            seq=link_seq(self.sm.seq + 1, release=True, handover=self._switching),
+            timestamp_ns=int(self.released_at * 1e9)), timeout=0.5)
         doc = LeaseDoc(gen=a.generation, time=self.released_at, holder=self.holder,
                        role="source", mode="released", session=self.sm.session,
                        epoch=self._committed, reason=a.reason)
@@ -481,10 +505,139 @@ class SourceCluster:
             gen=a.generation, time=time.time(), primary=self.holder, role="source",
             status="released", epoch=self._committed), qos=1, retain=True)
         await self.bus.flush()
-        if not self.done.done():
+        if not self.done.done() and not self._switching:
             self.done.set_exception(PrimaryGoneError(
                 f"the primary (pid {self.primary.pid}) is gone ({a.reason}); the lease of "
                 f"generation {a.generation} was released to the shadow"))
+
+    # ------------------------------------------------------------------ switchover
+
+    def _switchover_refusal(self, *, ours: bool = False) -> str:
+        if self._switching and not ours:
+            return "a switchover is already in progress"
+        if self.sm.state is not SourceState.PROTECTED:
+            why = {SourceState.UNPROTECTED: "no shadow is named (is the shadow agent "
+                                            "running and on the broker?)",
+                   SourceState.FENCING: "the primary is being fenced",
+                   SourceState.FENCED: "the primary is fenced (its lease lapsed)"}
+            return (f"the source lease is {self.sm.state.value}: "
+                    f"{why.get(self.sm.state, 'protection is over')}")
+        if not self.primary.alive:
+            return "the primary QEMU is gone"
+        if self.agent.stats.committed <= 0:
+            return "the shadow has not committed any epoch yet"
+        return ""
+
+    async def switchover(self, final: Callable[[], Awaitable[tuple[Any, float | None]]], *,
+                         commit_timeout: float = 10.0,
+                         promote_timeout: float = 30.0) -> dict[str, Any]:
+        """Planned switchover; returns the result document (also :attr:`switchover_result`).
+
+        ``final()`` is called under the checkpoint lock and must take the final epoch with
+        the primary left stopped, returning it and the STOP event's wall-clock timestamp.
+        Then: the final epoch is shipped and must be committed within ``commit_timeout``
+        (else the switchover aborts: the primary resumes once the shadow acknowledges a
+        fresh renewal); the lease is released (link + broker) and the primary never runs
+        again; the shadow's ``promoted`` event is awaited (``promote_timeout``); the old
+        primary is killed. :attr:`done` resolves when this returns.
+
+        Raises:
+            SwitchoverError: refused (not protected, nothing committed, already running),
+                or failed — the message says whether the primary runs, resumes, or stays
+                stopped.
+        """
+        requested = time.time()
+        t_req = time.monotonic()
+        if why := self._switchover_refusal():
+            raise SwitchoverError(f"switchover refused: {why}")
+        self._switching = True
+        try:
+            return await self._switchover(final, requested, t_req, commit_timeout,
+                                          promote_timeout)
+        finally:
+            self._switching = False
+            self._promoted_seen = None
+            if self.sm.state is SourceState.RELEASED and not self.done.done():
+                if self.switchover_result is not None:
+                    self.done.set_result(None)
+                else:
+                    self.done.set_exception(PrimaryGoneError(
+                        f"the lease of generation {self.sm.generation} was released for a "
+                        "switchover; the old primary stays stopped"))
+
+    async def _switchover(self, final: Callable[[], Awaitable[tuple[Any, float | None]]],
+                          requested: float, t_req: float, commit_timeout: float,
+                          promote_timeout: float) -> dict[str, Any]:
+        gen = self.sm.generation
+        self._promoted_seen = asyncio.get_running_loop().create_future()
+        async with self.ckpt_lock:
+            if why := self._switchover_refusal(ours=True):
+                raise SwitchoverError(f"switchover refused: {why}")
+            self.running.clear()
+            t_lock = time.monotonic()
+            try:
+                await self.agent.prepare()
+                ep, stopped_at = await final()
+            except BaseException:
+                if self.sm.may_run():
+                    self.running.set()
+                raise
+            t_stopped = time.monotonic()
+            self._emit("switchover-stopped", epoch=ep.number, stopped_at=stopped_at,
+                       full=ep.full)
+            self._feed(HandoverStarted(now=time.monotonic()))
+            if not self.sm.handover:
+                # a newer generation or the primary's exit came first: it stays stopped
+                raise SwitchoverError(
+                    f"switchover aborted: the source lease became {self.sm.state.value} "
+                    "while the final epoch was taken; the primary stays stopped")
+            acked = await self.agent.ship(ep, wait=True, timeout=commit_timeout)
+            if not acked or self.agent.stats.committed < ep.number:
+                self._feed(HandoverAborted(now=time.monotonic(),
+                                           reason="final epoch not committed"))
+                raise SwitchoverError(
+                    f"switchover aborted: the shadow did not commit the final epoch "
+                    f"{ep.number} within {commit_timeout:g} s; the primary resumes as soon "
+                    "as the shadow acknowledges a fresh renewal (else the ordinary handover "
+                    "after the reacquire time applies)")
+            t_committed = time.monotonic()
+            self.note_epoch(ep.number, self.agent.stats.committed)
+            self._feed(HandoverCommitted(now=time.monotonic(), reason="planned switchover"))
+        fut = self._promoted_seen
+        try:
+            async with asyncio.timeout(promote_timeout):
+                doc = await fut
+        except TimeoutError:
+            raise SwitchoverError(
+                f"the final epoch {ep.number} was committed and the lease of generation "
+                f"{gen} released, but no promotion of the shadow was seen within "
+                f"{promote_timeout:g} s: the old primary stays stopped (never resumed); "
+                "check the shadow agent") from None
+        t_promoted = time.monotonic()
+        f = doc.fields
+        killed = await self.primary.kill()
+        resumed_at = f.get("resumed_at")
+        result: dict[str, Any] = {
+            "event": "switchover", "vm": self.topics.vm, "epoch": ep.number,
+            "promoted_epoch": f.get("epoch"), "lost_epochs": ep.number - int(
+                f.get("epoch") or 0),
+            "generation": doc.gen, "previous_generation": gen,
+            "reprotect_generation": doc.gen + 1,
+            "requested_at": requested, "stopped_at": stopped_at, "resumed_at": resumed_at,
+            "downtime_ms": (round((resumed_at - stopped_at) * 1000, 1)
+                            if resumed_at and stopped_at else None),
+            "move_ms": round((resumed_at - requested) * 1000, 1) if resumed_at else None,
+            "wait_ms": round((t_lock - t_req) * 1000, 1),
+            "final_epoch_ms": round((t_stopped - t_lock) * 1000, 1),
+            "commit_ms": round((t_committed - t_stopped) * 1000, 1),
+            "promote_ms": round((t_promoted - t_committed) * 1000, 1),
+            "full": ep.full, "new_pid": f.get("pid"), "old_pid": self.primary.pid,
+            "old_primary": "killed" if killed else "stopped (kill failed)",
+            "shadow_running_ms": f.get("running_ms"),
+        }
+        self.switchover_result = result
+        self._emit("switchover", **{k: v for k, v in result.items() if k != "event"})
+        return result
 
     @property
     def state(self) -> SourceState:

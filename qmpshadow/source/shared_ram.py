@@ -62,18 +62,23 @@ class SharedRamSource:
 
     def __init__(self, qmp: QmpControl, *, mem_path: str | Path, main_block: str,
                  sock_path: str | Path, page_size: int = 4096,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, size: int | None = None) -> None:
+        """``size``: the RAM block's length when the file may be longer (a promoted
+        shadow's RAM file is a replica's, with a trailer page after the block)."""
         self.qmp = qmp
         self.mem_path = Path(mem_path)
         self.main_block = main_block
         self.sock_path = str(sock_path)
         self.page_size = page_size
         self._seed = seed
+        self.size = size
         self._mm: mmap.mmap | None = None
         self._filter: UnchangedFilter | None = None
         self._server: asyncio.AbstractServer | None = None
         self._streams: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
         self.epoch_number = 0
+        #: Wall-clock time of the STOP event of the last checkpoint (QEMU's timestamp).
+        self.stopped_at: float | None = None
 
     async def open(self) -> None:
         """Map the RAM file, listen, set capabilities. Raises ConfigError, QmpError."""
@@ -85,6 +90,11 @@ class SharedRamSource:
                               "'file' with mem_path in the VM spec") from None
         try:
             size = os.fstat(fd).st_size
+            if self.size is not None:
+                if size < self.size:
+                    raise ConfigError(f"RAM file {str(self.mem_path)!r} has size {size}, "
+                                      f"smaller than the VM's RAM ({self.size})")
+                size = self.size
             if size == 0 or size % self.page_size:
                 raise ConfigError(f"RAM file {str(self.mem_path)!r} has size {size}, expected "
                                   f"a positive multiple of {self.page_size}")
@@ -126,11 +136,14 @@ class SharedRamSource:
 
     async def checkpoint(self, *, full: bool = False, held: asyncio.Event | None = None,
                          release: asyncio.Event | None = None,
-                         timeout: float = 30.0) -> CapturedEpoch:
+                         timeout: float = 30.0, resume: bool = True) -> CapturedEpoch:
         """Take one epoch. ``full`` (or the first epoch) carries every page.
 
         ``held``/``release`` let a caller act while the primary is stopped (tests take a
-        pmemsave there). The primary is always resumed, also on failure.
+        pmemsave there). The primary is resumed afterwards, also on failure — except with
+        ``resume=False`` (the final epoch of a switchover): then it stays stopped on
+        success and is resumed only when the checkpoint failed. :attr:`stopped_at` is the
+        STOP event's timestamp.
         Raises QmpShadowError subclasses (QMP failure, timeout, bad stream).
         """
         assert self._mm is not None and self._filter is not None, "open() first"
@@ -140,7 +153,9 @@ class SharedRamSource:
             self._filter.reset(reseed=False)
         since = qmp.last_event_seq
         t0 = time.monotonic()
+        self.stopped_at = None
         await qmp.stop()
+        ok = False
         try:
             while not self._streams.empty():  # a stale stream of a failed earlier attempt
                 self._streams.get_nowait()
@@ -162,8 +177,10 @@ class SharedRamSource:
                 held.set()
                 if release is not None:
                     await release.wait()
+            ok = True
         finally:
-            await qmp.cont()
+            if resume or not ok:
+                await qmp.cont()
         t1 = time.monotonic()
         self.epoch_number += 1
         ep = CapturedEpoch(self.epoch_number, full=full,
@@ -172,13 +189,19 @@ class SharedRamSource:
                            device_state=got,
                            device_format=DeviceStateFormat.IGNORE_SHARED_STREAM,
                            reported_pages=len(changed))
-        ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
+        if resume:
+            ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
+        else:
+            with contextlib.suppress(QmpShadowError):
+                stop = await self.qmp.wait_event("STOP", timeout=1.0, since=since)
+                self.stopped_at = stop.timestamp
         return ep
 
     async def _pause_from_events(self, since: int) -> float | None:
         """STOP→RESUME from QEMU's own event timestamps, when both arrived."""
         try:
             stop = await self.qmp.wait_event("STOP", timeout=1.0, since=since)
+            self.stopped_at = stop.timestamp
             resume = await self.qmp.wait_event("RESUME", timeout=1.0, since=stop.seq)
         except QmpShadowError:
             return None
