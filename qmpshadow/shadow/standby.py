@@ -24,6 +24,7 @@ import contextlib
 import enum
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +185,63 @@ class Standby:
             raise QemuError(f"{self.name}: start() in state {self._state.value}; expected new")
         self._state = StandbyState.STARTING
         try:
+            await self._reap_stale()
             await self._spawn()
         except BaseException:
             self._state = StandbyState.CLOSED
             raise
         self._watcher = asyncio.create_task(self._watch(), name=f"{self.name} watcher")
+
+    async def _reap_stale(self) -> None:
+        """A standby QEMU left in this run directory by a shadow agent that died (kill -9:
+        the standby does not die with its agent, so that a promoted one outlives it) is
+        killed when it still waits paused for its promotion stream. One that runs the guest
+        (a promoted copy) is never touched: starting a standby next to it is refused.
+
+        Raises:
+            QemuError: a QEMU from an earlier agent runs the guest in this directory.
+        """
+        try:
+            pid = int(self.run.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return  # gone
+        if os.fsencode(str(self.run.root)) not in cmdline:
+            return  # the pid was reused by another process
+        from qmpshadow.qmp.control import QmpControl
+
+        # its first socket: the dead agent held it (the second may have another client)
+        try:
+            qmp = await QmpControl.open(self.run.qmp_sock, timeout=2.0)
+            try:
+                status = await qmp.query_status(timeout=2.0)
+            finally:
+                await qmp.close()
+        except (QmpError, OSError) as exc:
+            log.warning("%s: QEMU pid %d from an earlier shadow agent is still there and does "
+                        "not answer QMP (%s): leaving it alone", self.name, pid, exc)
+            return
+        if status.running:
+            raise QemuError(
+                f"{self.name}: QEMU pid {pid} in {self.run.root} runs the guest ({status.status}"
+                "): it is a promoted copy, not a standby. Expected no running QEMU there; "
+                "protect that VM afresh instead of restarting this shadow agent")
+        log.warning("%s: killing the standby QEMU pid %d (%s) left by a shadow agent that "
+                    "died", self.name, pid, status.status)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except OSError:
+                break
+            if state == "Z":
+                break
+            await asyncio.sleep(0.02)
 
     async def _spawn(self) -> None:
         """Launch one shadow QEMU and make it wait on the incoming socket."""

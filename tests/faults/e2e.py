@@ -1,16 +1,22 @@
-"""Helpers of the failover acceptance tests: real QEMU, real mosquitto, the real CLI.
+"""Helpers of the fault-injection suite: real QEMU, real mosquitto, the real CLI.
 
 - :func:`write_spec`: a VM spec TOML for the test guest on a shared-RAM file (TCG).
 - :class:`Agent`: a ``qmpshadow protect``/``shadow`` process with ``--json`` events in a file
   (optionally inside a network namespace); ``wait_event`` polls them.
-- :class:`RunStates`: polls the run state of several QEMUs over QMP every few ms and keeps
-  the intervals each ran in; :meth:`RunStates.overlap` is the time both ran at once.
+- :class:`RunStates` (from :mod:`qmpshadow.testing.runstates`): polls the run state of
+  several QEMUs over QMP every few ms; :meth:`RunStates.overlap` is the time both ran.
+- :func:`shadow_agent` / :func:`source_agent`: the agents as the scenarios start them.
+- The invariants every scenario checks: :func:`assert_one_copy` (never two running
+  copies), :func:`assert_committed_monotonic` (the committed epoch never goes backwards),
+  :func:`carries_on` / :func:`primary_carries_on` (the running copy's guest counter goes on
+  with ``mism=0``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -22,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from qmpshadow.cluster.mosquitto import Mosquitto
-from qmpshadow.errors import QmpShadowError
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args
-from qmpshadow.qmp.control import QmpControl
+from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, parse_serial, wait_for_counter
+from qmpshadow.testing.runstates import RunStates
+
+__all__ = ["CLI", "Agent", "RunStates", "assert_committed_monotonic", "assert_one_copy",
+           "carries_on", "cluster_args", "committed", "kill_pid", "pid_alive",
+           "primary_carries_on", "shadow_agent", "source_agent", "write_spec"]
 
 CLI = [sys.executable, "-m", "qmpshadow.cli.main"]
 MIB = 64
@@ -119,88 +128,6 @@ class Agent:
         self._f.close()
 
 
-class RunStates:
-    """Polls ``query-status`` of named QEMUs (QMP socket paths) every ``period`` s."""
-
-    def __init__(self, socks: dict[str, Path | QmpControl], period: float = 0.005) -> None:
-        self.socks = socks
-        self.period = period
-        self.samples: dict[str, list[tuple[float, bool]]] = {n: [] for n in socks}
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> RunStates:
-        for name, sock in self.socks.items():
-            self._tasks.append(asyncio.create_task(self._poll(name, sock)))
-        await asyncio.sleep(0.2)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _poll(self, name: str, sock: Path | QmpControl) -> None:
-        qmp: QmpControl | None = None
-        if isinstance(sock, QmpControl):
-            while True:
-                try:
-                    running = (await sock.query_status(timeout=0.5)).running
-                except QmpShadowError:
-                    running = False
-                self.samples[name].append((time.time(), running))
-                await asyncio.sleep(self.period)
-        try:
-            while True:
-                running = False
-                try:
-                    if qmp is None:
-                        qmp = await QmpControl.open(sock, timeout=0.5)
-                    st = await qmp.query_status(timeout=0.5)
-                    running = st.running
-                except QmpShadowError:
-                    if qmp is not None:
-                        await qmp.close()
-                    qmp = None
-                self.samples[name].append((time.time(), running))
-                await asyncio.sleep(self.period)
-        finally:
-            if qmp is not None:
-                await qmp.close()
-
-    def ran(self, name: str) -> list[tuple[float, float]]:
-        """Intervals (first, last sample) in which ``name`` was seen running."""
-        out: list[tuple[float, float]] = []
-        start = last = None
-        for t, running in self.samples[name]:
-            if running:
-                if start is None:
-                    start = t
-                last = t
-            elif start is not None and last is not None:
-                out.append((start, last))
-                start = last = None
-        if start is not None and last is not None:
-            out.append((start, last))
-        return out
-
-    def overlap(self, a: str, b: str) -> float:
-        """Seconds during which both were *seen* running (0.0: never both)."""
-        total = 0.0
-        for s1, e1 in self.ran(a):
-            for s2, e2 in self.ran(b):
-                total += max(0.0, min(e1, e2) - max(s1, s2))
-        return total
-
-    def both_seen(self, a: str, b: str) -> int:
-        """Sample pairs (same poll round, ±period) where both reported running."""
-        runs_b = [t for t, r in self.samples[b] if r]
-        n = 0
-        for t, r in self.samples[a]:
-            if r and any(abs(t - tb) <= self.period * 2 for tb in runs_b):
-                n += 1
-        return n
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -216,3 +143,78 @@ def kill_pid(pid: int | None) -> None:
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def shadow_agent(spec_path: Path, replica: Path, listen: str, out: Path, cargs: Sequence[str],
+                 *, extra: Sequence[str] = (), prefix: Sequence[str] = ()) -> Agent:
+    """``qmpshadow shadow`` with JSON events in ``out``."""
+    return Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica", str(replica),
+                  "--listen", listen, "--accel", "tcg", "--json", *extra, *cargs], out,
+                 prefix=prefix)
+
+
+def source_agent(spec_path: Path, qmp: Path, to: str, out: Path, cargs: Sequence[str], *,
+                 fencer_log: Path | None = None, extra: Sequence[str] = (),
+                 prefix: Sequence[str] = ()) -> Agent:
+    """``qmpshadow protect`` (checkpoints every 200 ms) with JSON events in ``out``."""
+    fl = ["--fencer-log", str(fencer_log)] if fencer_log is not None else []
+    return Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp", str(qmp), "--to", to,
+                  "--interval", "200", "--json", *fl, *extra, *cargs], out, prefix=prefix)
+
+
+# ---------------------------------------------------------------- invariants
+
+
+def committed(shadow: Agent) -> list[int]:
+    """The epochs the shadow agent committed, in order."""
+    return [e["epoch"] for e in shadow.events() if e.get("event") == "committed"]
+
+
+def assert_committed_monotonic(*shadows: Agent) -> list[int]:
+    """The committed epoch never goes backwards, across the given (successive) shadow
+    agents of one replica; returns all committed epochs in order."""
+    epochs = [n for a in shadows for n in committed(a)]
+    back = [(a, b) for a, b in itertools.pairwise(epochs) if b <= a]
+    assert not back, f"committed epoch went backwards: {back[:5]} in {epochs}"
+    return epochs
+
+
+def assert_one_copy(states: RunStates, a: str = "primary", b: str = "shadow") -> None:
+    """Never two running copies: no time at which both QEMUs were seen running."""
+    assert states.samples[a] and states.samples[b], "the run-state pollers took no samples"
+    assert states.overlap(a, b) == 0.0, (states.ran(a), states.ran(b))
+    assert states.both_seen(a, b) == 0
+
+
+def _assert_clean(lines: list[Any], where: object) -> None:
+    bad = [x for x in lines if x.mism]
+    assert not bad, f"{where}: guest reports mismatches: {bad[:3]}"
+
+
+async def carries_on(replica: Path, primary_serial: Path, seconds: float = 3.0) -> None:
+    """The promoted copy goes on from no later than where the primary stopped, with
+    ``mism=0`` throughout (on the primary's log too).
+
+    The guest prints at most every ``print_ms``, so both the primary's last line and the
+    promoted copy's first line can each be up to one print interval of loops away from the
+    counter at the committed epoch: the bound is two of the primary's largest steps.
+    """
+    primary = parse_serial(primary_serial.read_text(errors="replace"))
+    _assert_clean(primary, primary_serial)
+    step = max(b.counter - a.counter for a, b in itertools.pairwise(primary))
+    serial = replica / "standby" / "serial.log"
+    await wait_for_counter(serial, timeout=30)
+    first = parse_serial(serial.read_text(errors="replace"))[0]
+    assert first.counter <= primary[-1].counter + 2 * step, (first, primary[-1], step)
+    await asyncio.sleep(seconds)
+    lines = parse_serial(serial.read_text(errors="replace"))
+    assert lines[-1].counter > first.counter + 10, (first, lines[-1])
+    _assert_clean(lines, serial)
+
+
+async def primary_carries_on(serial: Path, loops: int = 20, timeout: float = 30.0) -> None:
+    """The primary (still the running copy) goes on: its counter passes its current value
+    by ``loops`` and no line of its log reports a mismatch."""
+    now = parse_serial(serial.read_text(errors="replace"))[-1]
+    await wait_for_counter(serial, min_counter=now.counter + loops, timeout=timeout)
+    _assert_clean(parse_serial(serial.read_text(errors="replace")), serial)

@@ -1,11 +1,17 @@
-"""Acceptance: automatic failover on real QEMU (TCG, shared-RAM source), real mosquitto and
-the real CLI agents; the replication link is a unix socket.
+"""Fault injection by kill -9, on real QEMU (TCG, shared-RAM source), real mosquitto and the
+real CLI agents; the replication link is a unix socket.
 
 - kill -9 of the primary QEMU: the source agent releases the lease at once, the shadow
-  promotes by itself; the guest counter carries on from the committed epoch with mism=0;
-  the two QEMUs are never seen running at once; committed epochs never go backwards.
+  promotes by itself; the guest counter carries on from the committed epoch with mism=0.
 - kill -9 of the source agent: its fencer kills the primary at once; the shadow promotes
   only after the lease expired.
+- kill -9 of the shadow agent: the primary keeps running (unprotected: the broker reports
+  the shadow gone); a shadow agent started again on the same replica reaps the dead agent's
+  paused standby QEMU, is named again, epochs commit on from where they were, and a kill of
+  the primary is then failed over.
+
+Every scenario checks the suite's invariants: never two running copies, the running
+copy's counter goes on with mism=0, the committed epoch never goes backwards.
 """
 
 from __future__ import annotations
@@ -14,22 +20,36 @@ import asyncio
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmpshadow.cluster.mosquitto import Mosquitto
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
-from qmpshadow.qemu.testguest import parse_serial, wait_for_counter
-from tests.cluster.e2e import CLI, Agent, RunStates, cluster_args, kill_pid, write_spec
+from qmpshadow.qemu.testguest import wait_for_counter
+from tests.faults.e2e import (
+    Agent,
+    RunStates,
+    assert_committed_monotonic,
+    assert_one_copy,
+    carries_on,
+    cluster_args,
+    kill_pid,
+    pid_alive,
+    primary_carries_on,
+    shadow_agent,
+    source_agent,
+    write_spec,
+)
 from tests.integration.conftest import LaunchVm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 LEASE_MS = 3000
 
 
-async def _setup(launch_vm: LaunchVm, tmp: Path, broker: Mosquitto,
-                 tcg: AccelChoice) -> tuple[object, Agent, Agent, Path]:
+async def _setup(launch_vm: LaunchVm, tmp: Path, broker: Mosquitto, tcg: AccelChoice
+                 ) -> tuple[Any, Agent, Agent, Path, Path]:
     spec_path = write_spec(tmp / "vm.toml", tmp / "primary.ram")
     spec = VmSpec.from_toml(spec_path)
     vm = await launch_vm(spec, accel=tcg)
@@ -37,45 +57,20 @@ async def _setup(launch_vm: LaunchVm, tmp: Path, broker: Mosquitto,
     replica = tmp / "replica"
     link = f"unix:{tmp / 'link.sock'}"
     cargs = cluster_args(broker, lease_ms=LEASE_MS)
-    shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica", str(replica),
-                    "--listen", link, "--accel", "tcg", "--json", *cargs], tmp / "shadow.out")
+    shadow = shadow_agent(spec_path, replica, link, tmp / "shadow.out", cargs)
     await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
-    source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
-                    str(vm.run.qmp2_sock), "--to", link, "--interval", "200", "--json",
-                    "--fencer-log", str(tmp / "fencer.log"), *cargs], tmp / "source.out")
+    source = source_agent(spec_path, vm.run.qmp2_sock, link, tmp / "source.out", cargs,
+                          fencer_log=tmp / "fencer.log")
     await source.wait_event(lambda e: e.get("event") == "lease-protected", timeout=30)
     await shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
     await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 4,
                             timeout=60)
-    return vm, shadow, source, replica
-
-
-def _committed(shadow: Agent) -> list[int]:
-    return [e["epoch"] for e in shadow.events() if e.get("event") == "committed"]
-
-
-async def _carries_on(replica: Path, primary_serial: Path, seconds: float = 3.0) -> None:
-    """The promoted copy goes on from no later than where the primary stopped.
-
-    The guest prints at most every ``print_ms``, so both the primary's last line and the
-    promoted copy's first line can each be up to one print interval of loops away from the
-    counter at the committed epoch: the bound is two of the primary's largest steps.
-    """
-    primary = parse_serial(primary_serial.read_text(errors="replace"))
-    step = max(b.counter - a.counter for a, b in itertools.pairwise(primary))
-    serial = replica / "standby" / "serial.log"
-    await wait_for_counter(serial, timeout=30)
-    first = parse_serial(serial.read_text(errors="replace"))[0]
-    assert first.counter <= primary[-1].counter + 2 * step, (first, primary[-1], step)
-    await asyncio.sleep(seconds)
-    lines = parse_serial(serial.read_text(errors="replace"))
-    assert lines[-1].counter > first.counter + 10
-    assert all(x.mism == 0 for x in lines), [x for x in lines if x.mism][:3]
+    return vm, shadow, source, replica, spec_path
 
 
 async def test_primary_killed_shadow_promotes_by_itself(
         launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, tcg: AccelChoice) -> None:
-    vm, shadow, source, replica = await _setup(launch_vm, short_tmp, broker, tcg)
+    vm, shadow, source, replica, _ = await _setup(launch_vm, short_tmp, broker, tcg)
     promoted_pid = None
     try:
         standby_qmp = replica / "standby" / "qmp2.sock"
@@ -94,15 +89,14 @@ async def test_primary_killed_shadow_promotes_by_itself(
         assert ev["decided_at"] - killed_at < 1.0, ev
         assert ev["resumed_at"] > killed_at
         assert states.ran("shadow") and states.ran("primary")
-        assert states.overlap("primary", "shadow") == 0.0, (states.ran("primary"),
-                                                            states.ran("shadow"))
-        committed = _committed(shadow)
-        assert committed == sorted(committed) and ev["epoch"] == committed[-1]
+        assert_one_copy(states)
+        epochs = assert_committed_monotonic(shadow)
+        assert ev["epoch"] == epochs[-1]
         assert await shadow.wait_exit(30) == 0
         assert await source.wait_exit(30) == 0
         released = [e for e in source.events() if e.get("event") == "released"]
         assert released and released[0]["generation"] == 1
-        await _carries_on(replica, vm.run.serial_log)
+        await carries_on(replica, vm.run.serial_log)
     finally:
         source.close()
         shadow.close()
@@ -111,7 +105,7 @@ async def test_primary_killed_shadow_promotes_by_itself(
 
 async def test_source_agent_killed_fencer_stops_primary_then_promotion(
         launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, tcg: AccelChoice) -> None:
-    vm, shadow, source, replica = await _setup(launch_vm, short_tmp, broker, tcg)
+    vm, shadow, source, replica, _ = await _setup(launch_vm, short_tmp, broker, tcg)
     promoted_pid = None
     try:
         standby_qmp = replica / "standby" / "qmp2.sock"
@@ -131,12 +125,85 @@ async def test_source_agent_killed_fencer_stops_primary_then_promotion(
         # only after the lease: the last renewal was at most a heartbeat before the kill
         assert ev["decided_at"] >= killed_at + LEASE_MS / 1000 - 0.2, (ev, killed_at)
         assert ev["resumed_at"] > primary_gone
-        assert states.overlap("primary", "shadow") == 0.0
+        assert_one_copy(states)
         assert "agent died" in (short_tmp / "fencer.log").read_text()
-        committed = _committed(shadow)
-        assert committed == sorted(committed) and ev["epoch"] == committed[-1]
-        await _carries_on(replica, vm.run.serial_log, seconds=2.0)
+        epochs = assert_committed_monotonic(shadow)
+        assert ev["epoch"] == epochs[-1]
+        await carries_on(replica, vm.run.serial_log, seconds=2.0)
     finally:
         source.close()
         shadow.close()
         kill_pid(promoted_pid)
+
+
+def _standby_pid(shadow: Agent) -> int:
+    ready = [e for e in shadow.events() if e.get("event") == "shadow-ready"]
+    assert ready, shadow.text()[-2000:]
+    return int(ready[-1]["standby_pid"])
+
+
+async def test_shadow_agent_killed_primary_runs_on_then_protection_resumes(
+        launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, tcg: AccelChoice) -> None:
+    vm, shadow, source, replica, spec_path = await _setup(launch_vm, short_tmp, broker, tcg)
+    link = f"unix:{short_tmp / 'link.sock'}"
+    cargs = cluster_args(broker, lease_ms=LEASE_MS)
+    old_standby = _standby_pid(shadow)
+    shadow2: Agent | None = None
+    promoted_pid = None
+    try:
+        standby_qmp = replica / "standby" / "qmp2.sock"
+        async with RunStates({"primary": vm.qmp, "shadow": standby_qmp}) as states:
+            n_protected = source.count("lease-protected")
+            shadow.kill()
+            killed_at = shadow.killed_at or time.time()
+            # the primary runs on, unprotected: the broker publishes the dead agent's will
+            unprotected = await source.wait_event(
+                lambda e: e.get("event") == "lease-unprotected" and e["time"] > killed_at,
+                timeout=LEASE_MS / 1000 + 10)
+            print("unprotected after", round(unprotected["time"] - killed_at, 3), "s:",
+                  unprotected["reason"])
+            await asyncio.sleep(LEASE_MS / 1000 + 1)  # longer than the lease
+            assert source.proc.poll() is None, source.text()[-2000:]
+            assert source.count("handover") == 0, source.text()[-2000:]
+            assert (await vm.qmp.query_status()).running
+            await primary_carries_on(vm.run.serial_log)
+            # a shadow agent started again on the same replica: protection resumes
+            restarted_at = time.time()
+            shadow2 = shadow_agent(spec_path, replica, link, short_tmp / "shadow2.out", cargs)
+            await shadow2.wait_event(lambda e: e.get("event") == "shadow-ready", timeout=60)
+            # the killed agent's standby (paused, never run) was reaped by the new agent
+            assert not pid_alive(old_standby), f"old standby pid {old_standby} lingers"
+            await source.wait_event(lambda e: e.get("event") == "lease-protected"
+                                    and e["time"] > restarted_at, timeout=30)
+            assert source.count("lease-protected") > n_protected
+            await shadow2.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
+            ev2 = await shadow2.wait_event(lambda e: e.get("event") == "committed", timeout=60)
+            first = ev2["epoch"]
+            committed_after = await shadow2.wait_event(
+                lambda e: e.get("event") == "committed" and e["epoch"] >= first + 3,
+                timeout=60)
+            # and a failure of the primary is failed over by the new agent
+            vm.kill()
+            await vm.wait()
+            ev = await shadow2.wait_event(lambda e: e.get("event") == "failover", timeout=30,
+                                          allow_exit=True)
+            promoted_pid = ev["pid"]
+            await asyncio.sleep(0.5)
+        print("resumed at epoch", first, "then", committed_after["epoch"], "; failover:",
+              {k: ev[k] for k in ("reason", "detect_ms", "promote_ms", "epoch")})
+        assert ev["generation"] == 2
+        assert_one_copy(states)
+        # the primary ran throughout the shadow's absence: checkpoint pauses only
+        runs = [r for r in states.ran("primary") if r[1] < ev["decided_at"]]
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+        assert all(g < 1.5 for g in gaps), gaps
+        epochs = assert_committed_monotonic(shadow, shadow2)
+        assert ev["epoch"] == epochs[-1]
+        await carries_on(replica, vm.run.serial_log)
+    finally:
+        source.close()
+        shadow.close()
+        if shadow2 is not None:
+            shadow2.close()
+        kill_pid(promoted_pid)
+        kill_pid(old_standby)
