@@ -601,6 +601,7 @@ class SourceCluster:
                     "as the shadow acknowledges a fresh renewal (else the ordinary handover "
                     "after the reacquire time applies)")
             t_committed = time.monotonic()
+            committed_at = time.time()
             self.note_epoch(ep.number, self.agent.stats.committed)
             self._feed(HandoverCommitted(now=time.monotonic(), reason="planned switchover"))
         fut = self._promoted_seen
@@ -630,7 +631,9 @@ class SourceCluster:
             "wait_ms": round((t_lock - t_req) * 1000, 1),
             "final_epoch_ms": round((t_stopped - t_lock) * 1000, 1),
             "commit_ms": round((t_committed - t_stopped) * 1000, 1),
-            "promote_ms": round((t_promoted - t_committed) * 1000, 1),
+            "promote_ms": (round((resumed_at - committed_at) * 1000, 1) if resumed_at
+                           else None),
+            "confirmed_ms": round((t_promoted - t_committed) * 1000, 1),
             "full": ep.full, "new_pid": f.get("pid"), "old_pid": self.primary.pid,
             "old_primary": "killed" if killed else "stopped (kill failed)",
             "shadow_running_ms": f.get("running_ms"),

@@ -30,7 +30,7 @@ from qmpshadow.cluster.mosquitto import Mosquitto
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.qemu.testguest import parse_serial, wait_for_counter
-from tests.cluster.e2e import CLI, Agent, RunStates, cluster_args, kill_pid, pid_alive, write_spec
+from tests.faults.e2e import CLI, Agent, RunStates, cluster_args, kill_pid, pid_alive, write_spec
 from tests.integration.conftest import LaunchVm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
