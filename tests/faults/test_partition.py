@@ -16,6 +16,9 @@ QEMU runs in the test's namespace (its QMP socket is a unix path, reachable from
 - the broker is down for longer than the lease while the link carries heartbeats: no
   failover, no fencing; both agents come back to the broker when it returns, and a kill of
   the primary is still failed over.
+
+Every scenario checks the suite's invariants: never two running copies, the running
+copy's counter goes on with mism=0, the committed epoch never goes backwards.
 """
 
 from __future__ import annotations
@@ -34,7 +37,18 @@ from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.qemu.testguest import wait_for_counter
 from qmpshadow.testing.netns import Netns, netns_unavailable_reason, veth_between
-from tests.cluster.e2e import CLI, Agent, RunStates, cluster_args, kill_pid, write_spec
+from tests.faults.e2e import (
+    CLI,
+    Agent,
+    RunStates,
+    assert_committed_monotonic,
+    assert_one_copy,
+    carries_on,
+    cluster_args,
+    kill_pid,
+    primary_carries_on,
+    write_spec,
+)
 from tests.integration.conftest import LaunchVm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
@@ -111,8 +125,7 @@ async def test_primary_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
             assert fenced[0]["time"] - cut_at < lease_ms / 1000
             assert "lease expired" in ev["reason"]
             assert ev["decided_at"] - cut_at >= lease_ms / 1000 - 0.3
-            assert states.overlap("primary", "shadow") == 0.0, (states.ran("primary"),
-                                                                states.ran("shadow"))
+            assert_one_copy(states)
             # exactly one copy runs
             assert states.samples["shadow"][-1][1] is True
             assert states.samples["primary"][-1][1] is False
@@ -128,6 +141,9 @@ async def test_primary_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
             out = again.stdout + again.stderr
             assert ("generation 2 is current" in out or "expected running" in out
                     or "QMP socket" in out), out[-2000:]
+            epochs = assert_committed_monotonic(shadow)
+            assert ev["epoch"] == epochs[-1]
+            await carries_on(replica, vm.run.serial_log)
         finally:
             source.close()
             shadow.close()
@@ -175,6 +191,9 @@ async def test_shadow_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
                 await asyncio.sleep(0.5)
                 assert (await vm.qmp.query_status()).running
             assert not states.ran("shadow")
+            assert_one_copy(states)
+            assert_committed_monotonic(shadow)
+            await primary_carries_on(vm.run.serial_log)
             if unprotected:  # the primary ran throughout: checkpoint pauses, a short fence
                 runs = states.ran("primary")
                 gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
@@ -226,12 +245,20 @@ async def test_broker_outage_no_spurious_failover(launch_vm: LaunchVm, short_tmp
         up_at = time.time()
         await shadow.wait_event(lambda e: e.get("event") == "watch-armed"
                                 and e["time"] > up_at, timeout=30)
+        await primary_carries_on(vm.run.serial_log)
         # and failover still works afterwards
-        vm.kill()
-        ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
-                                     allow_exit=True)
-        promoted_pid = ev["pid"]
+        async with RunStates({"primary": vm.qmp,
+                              "shadow": replica / "standby" / "qmp2.sock"}) as states:
+            vm.kill()
+            ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
+                                         allow_exit=True)
+            promoted_pid = ev["pid"]
+            await asyncio.sleep(0.5)
         assert "released" in ev["reason"]
+        assert_one_copy(states)
+        epochs = assert_committed_monotonic(shadow)
+        assert ev["epoch"] == epochs[-1]
+        await carries_on(replica, vm.run.serial_log)
     finally:
         if source is not None:
             source.close()
