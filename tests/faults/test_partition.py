@@ -28,7 +28,6 @@ import itertools
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,7 +35,7 @@ from qmpshadow.cluster.mosquitto import Mosquitto, mosquitto_unavailable_reason
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.qemu.testguest import wait_for_counter
-from qmpshadow.testing.netns import Netns, netns_unavailable_reason, veth_between
+from qmpshadow.testing.netns import Netns, veth_between
 from tests.faults.e2e import (
     CLI,
     Agent,
@@ -49,60 +48,20 @@ from tests.faults.e2e import (
     primary_carries_on,
     write_spec,
 )
+from tests.faults.twohosts import PORT, skip_without_netns, two_hosts
 from tests.integration.conftest import LaunchVm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
-PORT = 47311
-
-
-def _skip_without_netns() -> None:
-    reason = netns_unavailable_reason() or mosquitto_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-
-
-def _certs(tmp: Path) -> Path:
-    certs = tmp / "certs"
-    subprocess.run([*CLI, "certs", "init", str(certs), "--names", "source,shadow"],
-                   check=True, capture_output=True)
-    return certs
-
-
-async def _two_hosts(launch_vm: LaunchVm, tmp: Path, tcg: AccelChoice, ns_p: Netns,
-                     ns_s: Netns, shadow_addr: str, broker: Mosquitto, lease_ms: int
-                     ) -> tuple[Any, Agent, Agent, Path, Path]:
-    certs = _certs(tmp)
-    spec_path = write_spec(tmp / "vm.toml", tmp / "primary.ram", name="part")
-    vm = await launch_vm(VmSpec.from_toml(spec_path), accel=tcg)
-    await wait_for_counter(vm.run.serial_log, timeout=30)
-    replica = tmp / "replica"
-    cargs = cluster_args(broker, lease_ms=lease_ms)
-    shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica", str(replica),
-                    "--listen", f"tcp:{shadow_addr}:{PORT}", "--tls", str(certs),
-                    "--accel", "tcg", "--json", *cargs], tmp / "shadow.out",
-                   prefix=ns_s.exec_argv([]))
-    await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
-    source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
-                    str(vm.run.qmp2_sock), "--to", f"tcp:{shadow_addr}:{PORT}", "--tls",
-                    str(certs), "--interval", "200", "--json", "--fencer-log",
-                    str(tmp / "fencer.log"), *cargs], tmp / "source.out",
-                   prefix=ns_p.exec_argv([]))
-    await shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
-    await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 3,
-                            timeout=60)
-    return vm, shadow, source, replica, spec_path
-
-
 async def test_primary_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
                                     tcg: AccelChoice) -> None:
-    _skip_without_netns()
+    skip_without_netns()
     lease_ms = 3000
     with Netns.create() as ns_p, Netns.create() as ns_s:
         veth = veth_between(ns_p, ns_s)  # host side = ns_p, peer side = ns_s
         broker = Mosquitto(short_tmp / "broker", host=veth.peer_addr,
                            prefix=ns_s.exec_argv([]))
         broker.start()
-        vm, shadow, source, replica, spec_path = await _two_hosts(
+        vm, shadow, source, replica, spec_path = await two_hosts(
             launch_vm, short_tmp, tcg, ns_p, ns_s, veth.peer_addr, broker, lease_ms)
         promoted_pid = None
         try:
@@ -153,14 +112,14 @@ async def test_primary_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
 
 async def test_shadow_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
                                    tcg: AccelChoice) -> None:
-    _skip_without_netns()
+    skip_without_netns()
     lease_ms = 4000
     with Netns.create() as ns_p, Netns.create() as ns_s:
         veth = veth_between(ns_p, ns_s)
         broker = Mosquitto(short_tmp / "broker", host=veth.host_addr,
                            prefix=ns_p.exec_argv([]))
         broker.start()
-        vm, shadow, source, replica, _ = await _two_hosts(
+        vm, shadow, source, replica, _ = await two_hosts(
             launch_vm, short_tmp, tcg, ns_p, ns_s, veth.peer_addr, broker, lease_ms)
         try:
             async with RunStates({"primary": vm.qmp,
