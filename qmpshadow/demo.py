@@ -694,6 +694,11 @@ async def run_failover_demo(opts: DemoOptions) -> dict[str, Any]:
                 "source_agent_exit": source.proc.returncode if source.proc else None,
                 "shadow_agent_exit": shadow.proc.returncode if shadow.proc else None,
                 "logs": str(out_dir),
+                "pids": {"primary": vm.pid, "promoted": promoted_pid,
+                         "source_agent": source.pid, "shadow_agent": shadow.pid,
+                         "fencer": next((int(e["fencer_pid"]) for e in source.events
+                                         if e["event"] == "cluster-joined"), None),
+                         "broker": mq.proc.pid if mq is not None and mq.proc else None},
             }
             problems = _check(summary)
             summary["problems"] = problems
