@@ -116,7 +116,10 @@ class SharedRamSource:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         if self._mm is not None:
-            self._mm.close()
+            # a scan cancelled mid-way may still hold the map in its thread: then the
+            # map is unmapped when that thread lets go of it
+            with contextlib.suppress(BufferError):
+                self._mm.close()
             self._mm = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -170,7 +173,9 @@ class SharedRamSource:
             if ps != self.page_size:
                 raise StreamFormatError(f"page size {ps}, expected {self.page_size}",
                                         offset=0)
-            changed = self._filter.scan(self._mm)
+            # off the event loop: lease renewals share it, and a 1 GiB scan takes
+            # 100-200 ms here (the compiled twin releases the GIL)
+            changed = await asyncio.to_thread(self._filter.scan, self._mm)
             mm = self._mm
             pages = {i: mm[i * ps : (i + 1) * ps] for i in changed}
             if held is not None:
