@@ -33,7 +33,7 @@ from qmpshadow.testing.runstates import RunStates
 
 __all__ = ["CLI", "Agent", "RunStates", "assert_committed_monotonic", "assert_one_copy",
            "carries_on", "cluster_args", "committed", "kill_pid", "pid_alive",
-           "primary_carries_on", "shadow_agent", "source_agent", "write_spec"]
+           "primary_carries_on", "runs_soon", "shadow_agent", "source_agent", "write_spec"]
 
 CLI = [sys.executable, "-m", "qmpshadow.cli.main"]
 MIB = 64
@@ -163,6 +163,19 @@ def source_agent(spec_path: Path, qmp: Path, to: str, out: Path, cargs: Sequence
 
 
 # ---------------------------------------------------------------- invariants
+
+
+async def runs_soon(qmp: Any, within: float = 3.0) -> bool:
+    """Whether the QEMU behind ``qmp`` is running, or runs again ``within`` seconds: a
+    primary is briefly stopped (``postmigrate``) by every checkpoint, longer on a loaded
+    host; a fenced one stays stopped."""
+    deadline = time.monotonic() + within
+    while True:
+        if (await qmp.query_status()).running:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
 
 
 def committed(shadow: Agent) -> list[int]:

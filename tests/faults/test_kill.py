@@ -38,6 +38,7 @@ from tests.faults.e2e import (
     kill_pid,
     pid_alive,
     primary_carries_on,
+    runs_soon,
     shadow_agent,
     source_agent,
     write_spec,
@@ -165,7 +166,7 @@ async def test_shadow_agent_killed_primary_runs_on_then_protection_resumes(
             await asyncio.sleep(LEASE_MS / 1000 + 1)  # longer than the lease
             assert source.proc.poll() is None, source.text()[-2000:]
             assert source.count("handover") == 0, source.text()[-2000:]
-            assert (await vm.qmp.query_status()).running
+            assert await runs_soon(vm.qmp)
             await primary_carries_on(vm.run.serial_log)
             # a shadow agent started again on the same replica: protection resumes
             restarted_at = time.time()

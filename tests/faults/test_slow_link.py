@@ -31,6 +31,7 @@ from tests.faults.e2e import (
     carries_on,
     kill_pid,
     primary_carries_on,
+    runs_soon,
 )
 from tests.faults.twohosts import (
     clear_impairment,
@@ -86,7 +87,7 @@ async def test_slow_lossy_link_replication_goes_on_then_failover(
                 # no spurious failover and no fencing
                 assert shadow.count("promoting") == 0 and shadow.count("failover") == 0
                 assert source.count("fencing") == 0, source.text()[-3000:]
-                assert (await vm.qmp.query_status()).running
+                assert await runs_soon(vm.qmp)
                 await primary_carries_on(vm.run.serial_log)
                 # a kill of the primary is still failed over, across the bad link
                 killed_at = time.time()
