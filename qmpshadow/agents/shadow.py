@@ -121,6 +121,18 @@ class ShadowAgent:
         with contextlib.suppress(QmpShadowError):
             self.replica.abort()
 
+    async def _commit(self, done: Any) -> None:
+        """``replica.commit`` in a worker thread: a full epoch of a large VM takes seconds
+        (every page of a fresh RAM file faults in), and this event loop must go on
+        acknowledging lease renewals meanwhile. A cancel (promotion) waits for the commit
+        to finish, so the replica is never promoted half-applied."""
+        fut = asyncio.ensure_future(asyncio.to_thread(self.replica.commit, done))
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait({fut})
+            raise
+
     async def _handle(self, link: Link) -> None:
         self.link = link
         replica = self.replica
@@ -174,7 +186,7 @@ class ShadowAgent:
                             replica.stage(frame)
                         done = asm.feed(frame)
                         if done is not None:
-                            replica.commit(done)
+                            await self._commit(done)
                             self.epochs_committed += 1
                             if self.on_commit is not None:
                                 try:

@@ -15,6 +15,7 @@ import mmap
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, QmpShadowError, StreamFormatError
 from ..frames.pagehash import UnchangedFilter
@@ -174,10 +175,8 @@ class SharedRamSource:
                 raise StreamFormatError(f"page size {ps}, expected {self.page_size}",
                                         offset=0)
             # off the event loop: lease renewals share it, and a 1 GiB scan takes
-            # 100-200 ms here (the compiled twin releases the GIL)
-            changed = await asyncio.to_thread(self._filter.scan, self._mm)
-            mm = self._mm
-            pages = {i: mm[i * ps : (i + 1) * ps] for i in changed}
+            # 100-200 ms here (the compiled twin releases the GIL), a full copy more
+            changed, pages = await asyncio.to_thread(self._scan_copy, ps)
             if held is not None:
                 held.set()
                 if release is not None:
@@ -201,6 +200,12 @@ class SharedRamSource:
                 stop = await self.qmp.wait_event("STOP", timeout=1.0, since=since)
                 self.stopped_at = stop.timestamp
         return ep
+
+    def _scan_copy(self, ps: int) -> tuple[Any, dict[int, bytes]]:
+        mm, filt = self._mm, self._filter
+        assert mm is not None and filt is not None
+        changed = filt.scan(mm)
+        return changed, {i: mm[i * ps : (i + 1) * ps] for i in changed}
 
     async def _pause_from_events(self, since: int) -> float | None:
         """STOP→RESUME from QEMU's own event timestamps, when both arrived."""
