@@ -131,7 +131,16 @@ class ShadowAgent:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
             await asyncio.wait({fut})
+            if not fut.cancelled() and fut.exception() is None:
+                self._committed(done)
             raise
+        self._committed(done)
+
+    def _committed(self, done: Any) -> None:
+        # reported as soon as the replica holds it (before the ack: a promotion may cancel
+        # the link right after, and the epoch it promotes must have been reported)
+        self.epochs_committed += 1
+        self._emit(event="committed", epoch=done.epoch, pages=done.pages, frames=done.frames)
 
     async def _handle(self, link: Link) -> None:
         self.link = link
@@ -187,7 +196,6 @@ class ShadowAgent:
                         done = asm.feed(frame)
                         if done is not None:
                             await self._commit(done)
-                            self.epochs_committed += 1
                             if self.on_commit is not None:
                                 try:
                                     self.on_commit()
@@ -198,8 +206,6 @@ class ShadowAgent:
                                                reason=str(exc))
                             await link.send_frame(Ack(generation=done.generation,
                                                       epoch=done.epoch, digest=done.digest))
-                            self._emit(event="committed", epoch=done.epoch,
-                                       pages=done.pages, frames=done.frames)
                             asm = None
                     except FrameError as exc:
                         log.warning("epoch refused, asking for a resync: %s", exc)
