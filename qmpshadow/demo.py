@@ -407,7 +407,8 @@ class View:
                       f"hb/shadow {_fmt_ms(b.age_ms('shadow'))}")
         lease = (f"generation {b.lease.get('gen')} {b.lease.get('mode')} by "
                  f"{b.lease.get('holder')}") if b.lease else "—"
-        state = (f"{b.state.get('status')} ({b.state.get('primary')})") if b.state else "—"
+        state = (f"generation {b.state.get('gen')} {b.state.get('status')} "
+                 f"({b.state.get('primary')})") if b.state else "—"
         broker = Text(f"broker: {'connected' if b.connected else 'not connected'}, "
                       f"{b.messages} messages   lease (retained): {lease}   state: {state}")
         phase = Text(f"[{time.monotonic() - self.t0:5.1f} s] {self.phase}", style="bold")
@@ -693,6 +694,8 @@ async def run_failover_demo(opts: DemoOptions) -> dict[str, Any]:
                 "primary_alive": vm.running,
                 "source_agent_exit": source.proc.returncode if source.proc else None,
                 "shadow_agent_exit": shadow.proc.returncode if shadow.proc else None,
+                "retained": {"lease": dict(view.broker.lease),
+                             "state": dict(view.broker.state)},
                 "logs": str(out_dir),
                 "pids": {"primary": vm.pid, "promoted": promoted_pid,
                          "source_agent": source.pid, "shadow_agent": shadow.pid,

@@ -490,20 +490,27 @@ class SourceCluster:
     async def _release(self, a: AnnounceRelease) -> None:
         self.released_at = self.primary.exited_at or time.time()
         self._committed = max(self._committed, int(self.agent.stats.committed))
-        # the link first: it is the fastest path to the shadow
+        # The retained state and lease go out before (not after) the link release: the
+        # shadow promotes on the link within milliseconds and then publishes its own
+        # state and lease of the next generation, which must be the ones that stay
+        # retained (before, the old primary's "released" state landed last).
+        self.bus.publish(self.topics.state, StateDoc(
+            gen=a.generation, time=time.time(), primary=self.holder, role="source",
+            status="released", epoch=self._committed), qos=1, retain=True)
+        doc = LeaseDoc(gen=a.generation, time=self.released_at, holder=self.holder,
+                       role="source", mode="released", session=self.sm.session,
+                       epoch=self._committed, reason=a.reason)
+        lease_sent = asyncio.ensure_future(
+            self.bus.publish_wait(self.topics.lease, doc, retain=True, timeout=1.0))
+        await asyncio.sleep(0)  # both publishes reach the broker's socket first
+        # the link: it is the fastest path to the shadow
         await self.agent.send_now(Heartbeat(
             generation=a.generation, epoch=self._committed,
             seq=link_seq(self.sm.seq + 1, release=True, handover=self._switching),
             timestamp_ns=int(self.released_at * 1e9)), timeout=0.5)
-        doc = LeaseDoc(gen=a.generation, time=self.released_at, holder=self.holder,
-                       role="source", mode="released", session=self.sm.session,
-                       epoch=self._committed, reason=a.reason)
-        ok = await self.bus.publish_wait(self.topics.lease, doc, retain=True, timeout=1.0)
+        ok = await lease_sent
         self._emit("released", reason=a.reason, generation=a.generation, broker=ok,
                    exited_at=self.released_at, epoch=self._committed)
-        self.bus.publish(self.topics.state, StateDoc(
-            gen=a.generation, time=time.time(), primary=self.holder, role="source",
-            status="released", epoch=self._committed), qos=1, retain=True)
         await self.bus.flush()
         if not self.done.done() and not self._switching:
             self.done.set_exception(PrimaryGoneError(

@@ -57,6 +57,11 @@ def _check_common(s: dict[str, Any], out: Path) -> None:
     assert s["promoted_mism"] == 0
     assert s["promoted_last_counter"] > s["promoted_first_counter"] + 10
     assert s["primary_alive"] is False
+    # what the broker keeps (retained) names the promoted copy, not the dead primary
+    assert s["retained"]["lease"] == {"gen": 2, "mode": "promoted",
+                                      "holder": "demo@shadow"}, s["retained"]
+    assert s["retained"]["state"] == {"gen": 2, "status": "running",
+                                      "primary": "demo@shadow"}, s["retained"]
     # everything it started is gone
     pids = {k: v for k, v in s["pids"].items() if v}
     assert {"primary", "promoted", "source_agent", "shadow_agent", "broker"} <= set(pids)
