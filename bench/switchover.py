@@ -105,7 +105,7 @@ async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespa
     await vm.start()
     await warm_up(run.serial_log, args)
     qmp, serial, gen = run.qmp2_sock, run.serial_log, 1
-    cargs = cluster_args(broker, cluster="bench", heartbeat_ms=100, lease_ms=4000)
+    cargs = cluster_args(broker, cluster="bench", heartbeat_ms=100, lease_ms=args.lease_ms)
     results: list[dict[str, Any]] = []
     pids: list[int] = []
     prev_dir: Path | None = None
@@ -259,7 +259,8 @@ async def main(args: argparse.Namespace) -> int:
     print(f"VM: {args.mem} MiB, {args.accel}, dirtier pages={args.pages} region="
           f"{args.region} MiB delay={args.delay} us (steady dirtying), RAM files in "
           f"{args.dir}; {args.moves} moves each way; switchover: checkpoints every "
-          f"{args.interval} ms, heartbeats 100 ms, unix link, mosquitto on 127.0.0.1",
+          f"{args.interval} ms, heartbeats 100 ms, lease {args.lease_ms} ms, unix link, "
+          "mosquitto on 127.0.0.1",
           flush=True)
     try:
         sw = await switchover_chain(root, broker, args)
@@ -298,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--region", type=int, default=64, help="dirty region MiB (default 64)")
     p.add_argument("--delay", type=int, default=1000, help="guest delay per loop in us")
     p.add_argument("--interval", type=int, default=500, help="checkpoint interval ms")
+    p.add_argument("--lease-ms", type=int, default=30000,
+                   help="lease (default 30000: on a loaded 2-core TCG host the first full "
+                   "1 GiB epoch took ~40 s and the default 4 s lease lapsed during it; the "
+                   "switchover itself does not wait for the lease)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds before each move")
     p.add_argument("--migrate-timeout", type=float, default=600.0)
     p.add_argument("--dir", default="/dev/shm", help="where RAM files and run dirs go")
