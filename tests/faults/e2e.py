@@ -91,18 +91,21 @@ class Agent:
         return self.out.read_text(errors="replace")
 
     async def wait_event(self, pred: Callable[[Event], bool], timeout: float = 60.0,
-                         *, allow_exit: bool = False) -> Event:
+                         *, allow_exit: bool = False, also: Sequence[Agent] = ()) -> Event:
+        """The first event matching ``pred``; on failure the message carries this agent's
+        output and the tails of ``also`` (the other agents)."""
         deadline = time.monotonic() + timeout
         while True:
             for ev in self.events():
                 if pred(ev):
                     return ev
+            others = "".join(f"\n--- {a.out.name}:\n{a.text()[-3000:]}" for a in also)
             if not allow_exit and self.proc.poll() is not None:
                 raise AssertionError(f"agent exited ({self.proc.returncode}):\n"
-                                     f"{self.text()[-3000:]}")
+                                     f"{self.text()[-3000:]}{others}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no matching event within {timeout}s:\n"
-                                     f"{self.text()[-3000:]}")
+                                     f"{self.text()[-3000:]}{others}")
             await asyncio.sleep(0.02)
 
     def count(self, name: str) -> int:

@@ -145,7 +145,8 @@ async def test_shadow_host_cut_off(launch_vm: LaunchVm, short_tmp: Path,
                 n_armed = shadow.count("watch-armed")
                 veth.set_up(True)
                 await shadow.wait_event(lambda e: e.get("event") == "watch-armed"
-                                        and shadow.count("watch-armed") > n_armed, timeout=30)
+                                        and shadow.count("watch-armed") > n_armed, timeout=30,
+                                        also=[source])
                 await source.wait_event(lambda e: e.get("event") == "lease-protected"
                                         and e["time"] > cut_at, timeout=30)
                 await asyncio.sleep(0.5)
