@@ -716,6 +716,7 @@ async def run_failover_demo(opts: DemoOptions) -> dict[str, Any]:
         for a in reversed(agents):
             await a.stop()
         await _kill_pid(promoted_pid)
+        await _kill_pid(view.standby_pid)  # a standby outlives a shadow agent killed hard
         if vm is not None:
             vm.kill()
             if vm.started:

@@ -125,9 +125,15 @@ class Agent:
         return self.proc.returncode
 
     def close(self) -> None:
+        """SIGKILL the agent, and the standby QEMUs it announced: a shadow agent's standby
+        does not die with it (a promoted one must outlive its agent), so a test that ends
+        before a promotion would leave a paused QEMU behind."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        for ev in self.events():
+            if ev.get("event") == "shadow-ready" and ev.get("standby_pid"):
+                kill_pid(int(ev["standby_pid"]))
         self._f.close()
 
 
