@@ -156,6 +156,13 @@ def guest_run() -> Iterator[GuestRun]:
             report = share / f"junit-{part}.xml"
             if report.exists():
                 _parse_junit(report, run)
+        # where the time went (shown with pytest -s): build.sh/run.py timings and the
+        # in-guest pytest's slowest tests and summary lines
+        keep = re.compile(r"rdma-guest|RDMA-GUEST ready|^\d+\.\d+s (call|setup|teardown)|"
+                          r"^\d+ passed")
+        for line in (proc.stderr + proc.stdout).splitlines():
+            if keep.search(line.strip()):
+                print("  " + line.strip())
         print(f"rdma guest: exit {run.rc} after {seconds:.1f} s, "
               f"{sum(v == 'passed' for v in run.outcomes.values())} passed inside")
         yield run
