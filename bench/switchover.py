@@ -9,11 +9,12 @@ One run, two chains of moves of a test VM (default 1 GiB, TCG, the dirtier guest
   checkpoints every --interval ms) and moved by the real `qmpshadow switchover --json`.
   The promoted copy is then protected again by a fresh shadow (re-protection, generation
   +2) and moved again, and so on.
-* **migration** (--moves times): the same guest migrated by plain QEMU, default migration
-  settings (only the destination's ``events`` capability is set, to be told of completion):
-  a destination started beforehand with the same command line (``-S -incoming defer``,
-  its own RAM file), ``migrate-incoming unix:...``, ``migrate``, ``cont`` on the
-  destination's MIGRATION ``completed`` event; then it is the next source.
+* **migration** (--moves times): the same guest (plain RAM by default, see --migrate-ram)
+  migrated by plain QEMU, default migration settings (only the destination's ``events``
+  capability is set, to be told of completion): a fresh source warmed up like the
+  protected one, a destination started beforehand with the same command line (``-S
+  -incoming defer``), ``migrate-incoming unix:...``, ``migrate``, ``cont`` on the
+  destination's MIGRATION ``completed`` event.
 
 Per move:
   move     = request → the destination's RESUME event (QEMU's timestamp). Request:
@@ -175,31 +176,33 @@ async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespa
 
 
 async def migration_chain(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--moves plain QEMU migrations, each of a fresh, warmed-up source: a migration that
+    corrupts its guest (QEMU 7.2 under TCG does, see below) must not spoil the next."""
     file = args.migrate_ram == "file"
-    spec = VmSpec.from_toml(write_spec(root / "m0.toml", root / "m0.ram" if file else None,
-                                       args))
-    run = RunPaths.create(root / "m0")
-    first = QemuProcess(primary_argv(spec, run, accel=args.accel), run, name="mig-source",
-                        die_with_parent=True)
-    await first.start()
-    src: QemuProcess | Destination = first
     results: list[dict[str, Any]] = []
-    dest: Destination | None = None
-    try:
-        await warm_up(run.serial_log, args)
-        params = await first.qmp.execute("query-migrate-parameters")
-        caps = await first.qmp.execute("query-migrate-capabilities")
-        on = [c["capability"] for c in caps if c.get("state")] if isinstance(caps, list) else []
-        print(f"  QEMU migration defaults: max-bandwidth "
-              f"{params.get('max-bandwidth', 0) / 2**20:.0f} MiB/s, downtime-limit "
-              f"{params.get('downtime-limit')} ms, capabilities on: {on or 'none'}",
-              flush=True)
-        src_serial = run.serial_log
-        for i in range(args.moves):
-            spec_i = VmSpec.from_toml(write_spec(
-                root / f"m{i + 1}.toml", root / f"m{i + 1}.ram" if file else None, args))
-            drun = RunPaths.create(root / f"m{i + 1}")
-            dest = Destination(destination_argv(spec_i, drun, accel=args.accel), drun,
+    for i in range(args.moves):
+        spec = VmSpec.from_toml(write_spec(root / f"ms{i}.toml",
+                                           root / f"ms{i}.ram" if file else None, args))
+        run = RunPaths.create(root / f"ms{i}")
+        src = QemuProcess(primary_argv(spec, run, accel=args.accel), run,
+                          name=f"mig-source{i}", die_with_parent=True)
+        await src.start()
+        dest: Destination | None = None
+        try:
+            await warm_up(run.serial_log, args)
+            if i == 0:
+                params = await src.qmp.execute("query-migrate-parameters")
+                caps = await src.qmp.execute("query-migrate-capabilities")
+                on = ([c["capability"] for c in caps if c.get("state")]
+                      if isinstance(caps, list) else [])
+                print(f"  QEMU migration defaults: max-bandwidth "
+                      f"{params.get('max-bandwidth', 0) / 2**20:.0f} MiB/s, downtime-limit "
+                      f"{params.get('downtime-limit')} ms, capabilities on: {on or 'none'}",
+                      flush=True)
+            spec_d = VmSpec.from_toml(write_spec(
+                root / f"md{i}.toml", root / f"md{i}.ram" if file else None, args))
+            drun = RunPaths.create(root / f"md{i}")
+            dest = Destination(destination_argv(spec_d, drun, accel=args.accel), drun,
                                name=f"dest{i}")
             await dest.start()
             sock = root / f"mig{i}.sock"
@@ -223,28 +226,20 @@ async def migration_chain(root: Path, args: argparse.Namespace) -> list[dict[str
                    "qemu_total_ms": info.get("total-time"),
                    "passes": info.get("ram", {}).get("dirty-sync-count"),
                    "mib": info.get("ram", {}).get("transferred", 0) / 2**20}
-            res["guest_ok"] = await carries_on(src_serial, drun.serial_log)
+            res["guest_ok"] = await carries_on(run.serial_log, drun.serial_log)
             results.append(res)
             print(f"  migration  {i + 1:2d}  move {res['move_ms']:7.1f} ms  downtime "
                   f"{res['downtime_ms']:6.1f} ms  (QEMU: downtime {res['qemu_downtime_ms']} "
                   f"ms, total {res['qemu_total_ms']} ms, {res['passes']} passes, "
                   f"{res['mib']:.1f} MiB)  guest {'ok' if res['guest_ok'] else 'BAD'}",
                   flush=True)
-            # the destination is the next source; the old source goes
-            if isinstance(src, Destination):
-                await src.kill()
-            else:
-                src.kill()
-                await src.wait()
-            (root / (f"m{i}.ram")).unlink(missing_ok=True)
-            src, dest, src_serial = dest, None, drun.serial_log
-    finally:
-        if dest is not None:
-            await dest.kill()
-        if isinstance(src, Destination):
-            await src.kill()
-        first.kill()
-        await first.wait()
+        finally:
+            if dest is not None:
+                await dest.kill()
+            src.kill()
+            await src.wait()
+            for p in (root / f"ms{i}.ram", root / f"md{i}.ram"):
+                p.unlink(missing_ok=True)
     return results
 
 
