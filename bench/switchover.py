@@ -147,7 +147,13 @@ async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespa
             finally:
                 if source is not None:
                     source.close()
-                shadow.close()
+                if shadow.proc.poll() is not None and pids and shadow.events() and any(
+                        e.get("event") == "failover" for e in shadow.events()):
+                    # promoted: Agent.close() would kill the standby QEMU it announced,
+                    # which is now the running VM
+                    shadow._f.close()
+                else:
+                    shadow.close()
             new_serial = rep / "standby" / "serial.log"
             res["guest_ok"] = await carries_on(serial, new_serial)
             res["cli_ms"] = cli_ms
