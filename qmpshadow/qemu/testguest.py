@@ -10,6 +10,7 @@ for progress. See docs/test-guest.md for the guest itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import subprocess
@@ -226,6 +227,21 @@ def parse_serial(text: str) -> list[CounterLine]:
         if m is not None:
             out.append(CounterLine(int(m.group(1)), int(m.group(2))))
     return out
+
+
+def resume_bound(lines: list[CounterLine]) -> int:
+    """The highest first counter a copy resumed from a checkpoint of this run may print.
+
+    ``lines`` are the primary's COUNTER lines up to its end. The guest prints at most every
+    ``print_ms``, so the primary's last line and a resumed copy's first line can each be one
+    print interval of loops away from the counter at the checkpoint: the bound is the last
+    counter plus two of the largest steps between lines. Raises ValueError when ``lines``
+    is empty.
+    """
+    if not lines:
+        raise ValueError("no COUNTER lines: the primary printed nothing")
+    step = max((b.counter - a.counter for a, b in itertools.pairwise(lines)), default=0)
+    return lines[-1].counter + 2 * step
 
 
 def parse_start_line(text: str) -> StartLine | None:

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from qmpshadow.cluster.mosquitto import Mosquitto
-from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, parse_serial, wait_for_counter
+from qmpshadow.qemu.testguest import (
+    guest_kernel_path,
+    kernel_args,
+    parse_serial,
+    resume_bound,
+    wait_for_counter,
+)
 from qmpshadow.testing.runstates import RunStates
 
 __all__ = ["CLI", "Agent", "RunStates", "assert_committed_monotonic", "assert_one_copy",
@@ -217,17 +223,16 @@ async def carries_on(replica: Path, primary_serial: Path, seconds: float = 3.0) 
     """The promoted copy goes on from no later than where the primary stopped, with
     ``mism=0`` throughout (on the primary's log too).
 
-    The guest prints at most every ``print_ms``, so both the primary's last line and the
-    promoted copy's first line can each be up to one print interval of loops away from the
-    counter at the committed epoch: the bound is two of the primary's largest steps.
+    The bound is :func:`resume_bound` of the primary's log (the guest prints at most every
+    ``print_ms``).
     """
     primary = parse_serial(primary_serial.read_text(errors="replace"))
     _assert_clean(primary, primary_serial)
-    step = max(b.counter - a.counter for a, b in itertools.pairwise(primary))
+    bound = resume_bound(primary)
     serial = replica / "standby" / "serial.log"
     await wait_for_counter(serial, timeout=30)
     first = parse_serial(serial.read_text(errors="replace"))[0]
-    assert first.counter <= primary[-1].counter + 2 * step, (first, primary[-1], step)
+    assert first.counter <= bound, (first, primary[-1], bound)
     await asyncio.sleep(seconds)
     lines = parse_serial(serial.read_text(errors="replace"))
     assert lines[-1].counter > first.counter + 10, (first, lines[-1])

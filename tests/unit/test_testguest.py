@@ -20,6 +20,7 @@ from qmpshadow.qemu.testguest import (
     kernel_args,
     parse_serial,
     parse_start_line,
+    resume_bound,
     wait_for_counter,
 )
 
@@ -370,3 +371,11 @@ async def test_wait_for_counter_no_counter_yet(tmp_path: Path) -> None:
 async def test_wait_for_counter_bad_timeout(tmp_path: Path, bad: float) -> None:
     with pytest.raises(ConfigError):
         await wait_for_counter(tmp_path / "s.log", timeout=bad)
+
+
+def test_resume_bound_is_two_print_steps_past_the_last_line() -> None:
+    lines = parse_serial("COUNTER 10 mism=0\nCOUNTER 30 mism=0\nCOUNTER 45 mism=0\n")
+    assert resume_bound(lines) == 45 + 2 * 20
+    assert resume_bound(lines[:1]) == 10
+    with pytest.raises(ValueError, match="printed nothing"):
+        resume_bound([])
