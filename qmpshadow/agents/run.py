@@ -54,6 +54,21 @@ class Endpoint:
                 return cls("tcp", host=host.strip("[]"), port=int(port))
         raise ConfigError(f"expected unix:PATH or tcp:HOST:PORT, got {text!r}")
 
+    def over(self, transport: str) -> Endpoint:
+        """This endpoint carried by ``transport`` (``tcp`` or ``rdma``). RDMA keeps its
+        authenticated control channel on the tcp address and moves frames over a queue pair.
+
+        Raises ConfigError for rdma with a unix endpoint or an unknown transport.
+        """
+        if transport == "tcp":
+            return self
+        if transport != "rdma":
+            raise ConfigError(f"expected --transport tcp or rdma, got {transport!r}")
+        if self.kind != "tcp":
+            raise ConfigError("--transport rdma needs a tcp:HOST:PORT endpoint (its control "
+                              f"channel), got {self.kind}:{self.path}")
+        return Endpoint("rdma", host=self.host, port=self.port)
+
 
 @dataclass(frozen=True)
 class LinkSecurity:
@@ -74,11 +89,29 @@ class LinkSecurity:
         return None
 
 
+def _rdma() -> Any:
+    """The rdma transport module, once this host can use it (pyverbs is imported only now).
+
+    Raises RdmaUnavailableError (a ConfigError) saying what is missing.
+    """
+    from ..transport import rdma
+    from ..transport._verbs import RdmaUnavailableError
+
+    reason = rdma.available()
+    if reason is not None:
+        hint = "" if "--transport tcp" in reason else "; use --transport tcp"
+        raise RdmaUnavailableError(f"--transport rdma: {reason}{hint}")
+    return rdma
+
+
 def connector(ep: Endpoint, sec: LinkSecurity) -> Callable[[], Awaitable[Link]]:
     """A ``connect()`` for the source agent."""
     if ep.kind == "unix":
         return lambda: local.connect(ep.path)
     tls = sec.tls()
+    if ep.kind == "rdma":
+        rdma = _rdma()
+        return lambda: rdma.connect(ep.host, ep.port, tls=tls, insecure_loopback=tls is None)
     return lambda: tcp.connect(ep.host, ep.port, tls=tls,
                                insecure_loopback=tls is None)
 
@@ -88,6 +121,10 @@ async def listener(ep: Endpoint, sec: LinkSecurity) -> Listener:
     if ep.kind == "unix":
         return await local.listen(ep.path)
     tls = sec.tls()
+    if ep.kind == "rdma":
+        rdma_listener: Listener = await _rdma().listen(ep.host, ep.port, tls=tls,
+                                                       insecure_loopback=tls is None)
+        return rdma_listener
     return await tcp.listen(ep.host, ep.port, tls=tls, insecure_loopback=tls is None)
 
 
@@ -111,8 +148,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     Prometheus endpoint (qmpshadow.agents.metrics).
 
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
-    exists, QmpShadowError subclasses otherwise.
+    exists, QmpShadowError subclasses otherwise (RdmaUnavailableError before anything
+    starts when ``to`` is rdma and this host cannot use it).
     """
+    if to.kind == "rdma":
+        _rdma()
     if source == "auto":
         source = "shared-ram" if spec.memory.backend == "file" else "colo"
     if source not in ("colo", "shared-ram"):

@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
     p.add_argument("--qmp", required=True, help="the primary's QMP unix socket (use its "
                    "second socket if another client owns the first)")
     p.add_argument("--to", required=True, help="shadow agent: unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "rdma"],
+                   help="for a tcp: endpoint: frames over TCP (default) or an RDMA queue "
+                   "pair (control channel on the same address; needs pyverbs and a device)")
     p.add_argument("--source", default="auto", choices=["auto", "colo", "shared-ram"])
     p.add_argument("--ack", default="async", choices=["async", "sync"],
                    help="COLO ack mode (default async)")
@@ -77,6 +80,8 @@ def register(sub: Any) -> None:
     s.add_argument("--spec", required=True, type=Path, help="VM spec (TOML)")
     s.add_argument("--replica", required=True, type=Path, help="replica directory")
     s.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT")
+    s.add_argument("--transport", default="tcp", choices=["tcp", "rdma"],
+                   help="for a tcp: endpoint: frames over TCP (default) or RDMA")
     s.add_argument("--control", type=Path, help="control socket (default REPLICA/control.sock)")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     s.add_argument("--metrics", metavar="HOST:PORT",
@@ -135,7 +140,8 @@ def run_protect(args: argparse.Namespace) -> int:
     from .live import StatusLine
 
     spec = VmSpec.from_toml(args.spec)
-    outcome = asyncio.run(main(spec=spec, qmp_path=args.qmp, to=Endpoint.parse(args.to),
+    to = Endpoint.parse(args.to).over(args.transport)
+    outcome = asyncio.run(main(spec=spec, qmp_path=args.qmp, to=to,
                                sec=_sec(args), source=args.source, ack=args.ack,
                                interval_ms=args.interval,
                                status=StatusLine(json_mode=args.json),
@@ -161,8 +167,9 @@ def run_shadow(args: argparse.Namespace) -> int:
 
     spec = VmSpec.from_toml(args.spec)
     control = args.control or args.replica / "control.sock"
+    listen = Endpoint.parse(args.listen).over(args.transport)
     result = asyncio.run(main(spec=spec, replica_dir=args.replica,
-                              listen=Endpoint.parse(args.listen), sec=_sec(args),
+                              listen=listen, sec=_sec(args),
                               control=control, accel=args.accel,
                               status=StatusLine(json_mode=args.json),
                               cluster=_cluster_options(args), metrics=args.metrics))
