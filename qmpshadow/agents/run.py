@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, QmpShadowError
@@ -89,18 +90,21 @@ class LinkSecurity:
         return None
 
 
-def _rdma() -> Any:
-    """The rdma transport module, once this host can use it (pyverbs is imported only now).
+def _rdma() -> ModuleType:
+    """The rdma transport module, once this host can use it (pyverbs is imported only now):
+    the transport's own checks, run before anything starts.
 
-    Raises RdmaUnavailableError (a ConfigError) saying what is missing.
+    Raises RdmaUnavailableError (a ConfigError) saying what is missing and naming
+    ``--transport tcp``.
     """
     from ..transport import rdma
-    from ..transport._verbs import RdmaUnavailableError
+    from ..transport._verbs import RdmaUnavailableError, find_port, load
 
-    reason = rdma.available()
-    if reason is not None:
-        hint = "" if "--transport tcp" in reason else "; use --transport tcp"
-        raise RdmaUnavailableError(f"--transport rdma: {reason}{hint}")
+    try:
+        find_port()
+        load()
+    except RdmaUnavailableError as exc:
+        raise RdmaUnavailableError(f"--transport rdma: {exc}") from None
     return rdma
 
 
@@ -110,7 +114,8 @@ def connector(ep: Endpoint, sec: LinkSecurity) -> Callable[[], Awaitable[Link]]:
         return lambda: local.connect(ep.path)
     tls = sec.tls()
     if ep.kind == "rdma":
-        rdma = _rdma()
+        from ..transport import rdma  # run_protect checked this host at start
+
         return lambda: rdma.connect(ep.host, ep.port, tls=tls, insecure_loopback=tls is None)
     return lambda: tcp.connect(ep.host, ep.port, tls=tls,
                                insecure_loopback=tls is None)
