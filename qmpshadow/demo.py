@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -39,7 +38,7 @@ from typing import Any, Literal
 from .errors import ConfigError, QmpShadowError
 from .qemu.accel import AccelChoice, detect_accel
 from .qemu.argv import RunPaths, primary_argv
-from .qemu.process import QemuProcess
+from .qemu.process import QemuProcess, kill_and_wait
 from .qemu.spec import VmSpec
 from .qemu.testguest import CounterLine, guest_kernel_path, kernel_args, parse_serial
 from .testing.runstates import RunStates
@@ -476,30 +475,6 @@ mem_path = "{mem_path}"
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        return state != "Z"
-    return True
-
-
-async def _kill_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGKILL a process the demo started (indirectly) and wait until it is gone."""
-    if pid <= 0 or not _pid_alive(pid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-
-
 def _broker_settings(opts: DemoOptions, tmp: Path) -> tuple[Any, str, str | None, Path | None]:
     """(private Mosquitto or None, URL, user, password file)."""
     if opts.broker:
@@ -715,8 +690,8 @@ async def run_failover_demo(opts: DemoOptions) -> dict[str, Any]:
                 await asyncio.gather(task, return_exceptions=True)
         for a in reversed(agents):
             await a.stop()
-        await _kill_pid(promoted_pid)
-        await _kill_pid(view.standby_pid)  # a standby outlives a shadow agent killed hard
+        await kill_and_wait(promoted_pid)
+        await kill_and_wait(view.standby_pid)  # a standby outlives a shadow agent killed hard
         if vm is not None:
             vm.kill()
             if vm.started:

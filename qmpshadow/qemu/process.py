@@ -34,6 +34,33 @@ _TAIL_LINES = 20
 _TAIL_BYTES = 8192
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one we may not signal counts as
+    alive). Never raises."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        return state != "Z"
+    return True
+
+
+async def kill_and_wait(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL ``pid`` (not a child of ours: no waitpid) and wait up to ``timeout`` seconds
+    until it is gone or a zombie. Never raises."""
+    if pid <= 0 or not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 def _pdeathsig_preexec() -> Callable[[], None]:
     # Resolved in the parent: the child between fork and exec should only make the call.
     libc = ctypes.CDLL(None, use_errno=True)

@@ -24,7 +24,6 @@ import contextlib
 import enum
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from qmpshadow.errors import QemuError, QmpError
 from qmpshadow.frames.wire import DeviceStateFormat
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.argv import QEMU_BINARY, RunPaths, shadow_argv
-from qmpshadow.qemu.process import QemuProcess
+from qmpshadow.qemu.process import QemuProcess, kill_and_wait
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.shadow.errors import PromotionError
 from qmpshadow.shadow.promotion import PromotionStream, TargetBlock, build_promotion_stream
@@ -231,17 +230,7 @@ class Standby:
                 "protect that VM afresh instead of restarting this shadow agent")
         log.warning("%s: killing the standby QEMU pid %d (%s) left by a shadow agent that "
                     "died", self.name, pid, status.status)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-            except OSError:
-                break
-            if state == "Z":
-                break
-            await asyncio.sleep(0.02)
+        await kill_and_wait(pid)
 
     async def _spawn(self) -> None:
         """Launch one shadow QEMU and make it wait on the incoming socket."""

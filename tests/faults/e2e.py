@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpshadow.cluster.mosquitto import Mosquitto
+from qmpshadow.qemu.process import pid_alive
 from qmpshadow.qemu.testguest import (
     guest_kernel_path,
     kernel_args,
@@ -141,17 +142,6 @@ class Agent:
             if ev.get("event") == "shadow-ready" and ev.get("standby_pid"):
                 kill_pid(int(ev["standby_pid"]))
         self._f.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        return state != "Z"
-    return True
 
 
 def kill_pid(pid: int | None) -> None:
