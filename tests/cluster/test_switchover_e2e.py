@@ -170,9 +170,17 @@ async def test_switchover_moves_the_vm_with_zero_loss_and_metrics(
             lambda e: e.get("event") == "metrics-listening"))["url"]
         sh_url = (await pair.shadow.wait_event(
             lambda e: e.get("event") == "metrics-listening"))["url"]
-        src, sh = await asyncio.to_thread(scrape, src_url), await asyncio.to_thread(
-            scrape, sh_url)
         lab = {"vm": "fo", "role": "source"}
+        # the shadow reports an epoch committed before its ack reaches the source: wait for
+        # the source's side of epoch 4 too
+        deadline = time.monotonic() + 30
+        while True:
+            src = await asyncio.to_thread(scrape, src_url)
+            if (value(src, "qmpshadow_committed_epoch", **lab) >= 4
+                    or time.monotonic() > deadline):
+                break
+            await asyncio.sleep(0.1)
+        sh = await asyncio.to_thread(scrape, sh_url)
         assert value(src, "qmpshadow_pause_seconds_count", **lab) >= 4
         pause_sum = value(src, "qmpshadow_pause_seconds_sum", **lab)
         assert 0 < pause_sum < 60 * value(src, "qmpshadow_pause_seconds_count", **lab)
