@@ -32,6 +32,9 @@ from .shadow import ShadowAgent
 from .source import SourceAgent
 
 log = logging.getLogger(__name__)
+#: how long a COLO switchover waits for the checkpoint it asked QEMU for (one is normally
+#: taken at once; a slow checkpoint in flight is the one held)
+_FINAL_CHECKPOINT_TIMEOUT = 10.0
 StatusFn = Callable[[dict[str, Any]], None]
 
 
@@ -149,7 +152,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     planned switchover moved the VM to the shadow).
 
     ``control``: a JSON-lines control socket with ``status`` and ``switchover`` (the
-    latter needs ``cluster`` and the shared-ram source). ``metrics``: HOST:PORT of a
+    latter needs ``cluster``; either source). ``metrics``: HOST:PORT of a
     Prometheus endpoint (qmpshadow.agents.metrics).
 
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
@@ -187,6 +190,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     outcome = "done"
     colo_task: asyncio.Task[None] | None = None
     shared: list[SharedRamSource] = []  # the shared-ram source, once open
+    coloed: list[ColoSource] = []  # the COLO source, once created
     server: ControlServer | None = None
 
     async def do_status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -203,18 +207,38 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
         if cl is None:
             raise ConfigError("switchover needs automatic failover: run `qmpshadow protect` "
                               "with --broker (the shadow agent too)")
-        if source != "shared-ram" or not shared:
-            raise ConfigError(f"switchover needs the shared-ram source (this agent uses "
-                              f"{source}; COLO switchover is not implemented)")
+        commit_timeout = float(req.get("commit_timeout", 10.0))
+        promote_timeout = float(req.get("promote_timeout", 30.0))
+        if source == "colo":
+            if not coloed:
+                raise ConfigError("switchover: the COLO session with the primary has not "
+                                  "started yet; retry once the shadow committed an epoch")
+            colo = coloed[0]
+
+            async def final_colo() -> tuple[Any, float | None]:
+                # QEMU stops the primary for this checkpoint and keeps it stopped until
+                # the held answer goes out (abort) or it is killed (handover)
+                try:
+                    ep = await colo.final_checkpoint(timeout=_FINAL_CHECKPOINT_TIMEOUT)
+                except BaseException:
+                    await colo.release_held()
+                    raise
+                return ep, colo.stopped_at
+
+            return await cl.switchover(final_colo, commit_timeout=commit_timeout,
+                                       promote_timeout=promote_timeout,
+                                       resume=colo.release_held)
+        if not shared:
+            raise ConfigError("switchover: the shared-ram source is not open yet; retry "
+                              "once the shadow committed an epoch")
         src = shared[0]
 
         async def final() -> tuple[Any, float | None]:
             ep = await src.checkpoint(full=agent.need_full, resume=False)
             return ep, src.stopped_at
 
-        return await cl.switchover(final,
-                                   commit_timeout=float(req.get("commit_timeout", 10.0)),
-                                   promote_timeout=float(req.get("promote_timeout", 30.0)))
+        return await cl.switchover(final, commit_timeout=commit_timeout,
+                                   promote_timeout=promote_timeout)
 
     def live_source_metrics() -> None:
         if mets is None:
@@ -272,6 +296,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
                                   ack_mode=ack, checkpoint_delay_ms=interval_ms)
+                coloed.append(colo)
                 colo_task = task = asyncio.create_task(colo.run())
                 waiters: set[asyncio.Future[Any]] = {task,
                                                      asyncio.ensure_future(done.wait())}
@@ -282,9 +307,16 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     if w is not task and w is not (cl.done if cl else None):
                         w.cancel()
                 if cl is not None and cl.done in finished:
-                    pass
+                    # protection is over (switched over, released or deposed): the
+                    # session goes; a held final checkpoint stays unanswered
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
                 elif task in finished:
                     task.result()
+                    if cl is not None:
+                        # the primary's stream ended: it died, or a switchover killed it
+                        # and is about to report; the cluster side settles the outcome
+                        await asyncio.wait({cl.done}, timeout=5.0)
                 else:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

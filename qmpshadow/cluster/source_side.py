@@ -157,6 +157,9 @@ class SourceCluster:
         self.last_ack_at: float | None = None
         self._switching = False
         self._promoted_seen: asyncio.Future[EventDoc] | None = None
+        #: how to resume a primary held at a switchover's final epoch (COLO: answer the
+        #: held checkpoint), set from the final epoch until it is used or the lease released
+        self._held_resume: Callable[[], Awaitable[bool]] | None = None
         #: the result of a completed switchover (then :attr:`done` resolves normally)
         self.switchover_result: dict[str, Any] | None = None
 
@@ -467,6 +470,18 @@ class SourceCluster:
         self._feed(StopConfirmed(now=time.monotonic()))
 
     async def _resume(self, reason: str) -> None:
+        held, self._held_resume = self._held_resume, None
+        if held is not None:
+            # an aborted switchover's final checkpoint: answering it resumes the primary
+            async with self.ckpt_lock:
+                ok = await held()
+            if not ok:
+                await self._kill(f"the held final checkpoint could not be answered ({reason})")
+                return
+            self._emit("resumed", reason=reason)
+            if self.sm.may_run():
+                self.running.set()
+            return
         if self.before_stop is not None:
             # COLO: its session was cancelled by the fence; hand over instead
             await self._kill("fenced COLO primary cannot resume protected: handing over")
@@ -537,7 +552,9 @@ class SourceCluster:
 
     async def switchover(self, final: Callable[[], Awaitable[tuple[Any, float | None]]], *,
                          commit_timeout: float = 10.0,
-                         promote_timeout: float = 30.0) -> dict[str, Any]:
+                         promote_timeout: float = 30.0,
+                         resume: Callable[[], Awaitable[bool]] | None = None
+                         ) -> dict[str, Any]:
         """Planned switchover; returns the result document (also :attr:`switchover_result`).
 
         ``final()`` is called under the checkpoint lock and must take the final epoch with
@@ -547,6 +564,9 @@ class SourceCluster:
         fresh renewal); the lease is released (link + broker) and the primary never runs
         again; the shadow's ``promoted`` event is awaited (``promote_timeout``); the old
         primary is killed. :attr:`done` resolves when this returns.
+
+        ``resume`` (COLO) is how an aborted switchover's primary resumes from its final
+        epoch (answer the held checkpoint); without it the primary gets QMP ``cont``.
 
         Raises:
             SwitchoverError: refused (not protected, nothing committed, already running),
@@ -560,7 +580,7 @@ class SourceCluster:
         self._switching = True
         try:
             return await self._switchover(final, requested, t_req, commit_timeout,
-                                          promote_timeout)
+                                          promote_timeout, resume)
         finally:
             self._switching = False
             self._promoted_seen = None
@@ -574,7 +594,8 @@ class SourceCluster:
 
     async def _switchover(self, final: Callable[[], Awaitable[tuple[Any, float | None]]],
                           requested: float, t_req: float, commit_timeout: float,
-                          promote_timeout: float) -> dict[str, Any]:
+                          promote_timeout: float,
+                          resume: Callable[[], Awaitable[bool]] | None) -> dict[str, Any]:
         gen = self.sm.generation
         self._promoted_seen = asyncio.get_running_loop().create_future()
         async with self.ckpt_lock:
@@ -590,6 +611,7 @@ class SourceCluster:
                     self.running.set()
                 raise
             t_stopped = time.monotonic()
+            self._held_resume = resume
             self._emit("switchover-stopped", epoch=ep.number, stopped_at=stopped_at,
                        full=ep.full)
             self._feed(HandoverStarted(now=time.monotonic()))
@@ -610,6 +632,7 @@ class SourceCluster:
             t_committed = time.monotonic()
             committed_at = time.time()
             self.note_epoch(ep.number, self.agent.stats.committed)
+            self._held_resume = None  # from the release on, the old primary never runs
             self._feed(HandoverCommitted(now=time.monotonic(), reason="planned switchover"))
         fut = self._promoted_seen
         try:

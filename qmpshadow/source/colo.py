@@ -6,6 +6,12 @@ epoch. :class:`ColoCapture` is the sans-I/O core: stream bytes in, epochs and th
 answers out. When the answers are sent is the ack mode's business (see :class:`ColoSource`):
 ``async`` answers as soon as the epoch is captured here, ``sync`` only once the shadow
 committed it — the primary stays paused until it gets VMSTATE_LOADED.
+
+A planned switchover uses that pause: :meth:`ColoSource.final_checkpoint` makes QEMU take
+a checkpoint now and *holds* it (the answers are not sent), so the primary stays stopped at
+that epoch boundary, with only its dirty pages and device state to ship;
+:meth:`ColoSource.release_held` answers (the primary resumes: the switchover's rollback),
+otherwise the old primary is killed without ever being answered.
 """
 
 from __future__ import annotations
@@ -181,6 +187,79 @@ class ColoSource:
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._hold: asyncio.Future[CapturedEpoch] | None = None
+        self._held_answer: bytes | None = None
+        self._held_since = 0
+        #: event seq after the last answered checkpoint: the next STOP is newer than it
+        self._answered_seq = 0
+        #: wall-clock time of the held checkpoint's STOP event (QEMU's timestamp)
+        self.stopped_at: float | None = None
+
+    @property
+    def holding(self) -> bool:
+        """A checkpoint is held: the primary is stopped, waiting for our answer."""
+        return self._held_answer is not None
+
+    async def final_checkpoint(self, *, timeout: float = 10.0) -> CapturedEpoch:
+        """Take a checkpoint now and keep the primary stopped at it (see the module doc).
+
+        QEMU 7.2's ``migrate-set-parameters x-checkpoint-delay`` calls
+        ``colo_checkpoint_notify()`` while in COLO state, which starts a checkpoint at
+        once (migration/migration.c, ``migrate_params_apply``); setting the unchanged
+        delay is our "checkpoint now". A checkpoint already in flight whose answer has not
+        gone out yet is the one held (then the primary stopped before the request).
+        :attr:`stopped_at` is its STOP event's timestamp (None if QEMU did not send one
+        within a second).
+
+        Raises QmpShadowError: no COLO session, a checkpoint already held, QMP failed, or
+        no checkpoint within ``timeout`` (the primary runs on).
+        """
+        if (self._writer is None or self._writer.is_closing() or self._done is None
+                or self._done.done()):
+            raise QmpShadowError("no COLO session with the primary: cannot take a final "
+                                 "checkpoint")
+        if self._hold is not None or self.holding:
+            raise QmpShadowError("a final COLO checkpoint is already held")
+        self.stopped_at = None
+        hold: asyncio.Future[CapturedEpoch] = asyncio.get_running_loop().create_future()
+        self._hold = hold
+        try:
+            await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(hold)
+        finally:
+            self._hold = None
+            if not hold.done():
+                hold.cancel()
+        if hold.cancelled():
+            raise QmpShadowError(f"the primary took no COLO checkpoint within {timeout:g} s "
+                                 "of the request; it runs on")
+        ep = hold.result()
+        with contextlib.suppress(QmpShadowError):
+            stop = await self.qmp.wait_event("STOP", timeout=1.0, since=self._held_since)
+            self.stopped_at = stop.timestamp
+        return ep
+
+    async def release_held(self) -> bool:
+        """Answer the held checkpoint (VMSTATE_RECEIVED/LOADED): the primary resumes.
+        Returns False when nothing was held or the session is gone.
+
+        Raises nothing: a dead connection is reported as False.
+        """
+        answer, self._held_answer = self._held_answer, None
+        if answer is None or self._writer is None or self._writer.is_closing():
+            return False
+        try:
+            await self._answer(self._writer, answer)
+        except (OSError, ConnectionError):
+            return False
+        return True
+
+    async def _answer(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        writer.write(answer)
+        await writer.drain()
+        self._answered_seq = self.qmp.last_event_seq
 
     async def check_accel(self) -> None:
         """Refuse a primary not running under KVM (COLO deadlocks under TCG on 7.2).
@@ -237,14 +316,18 @@ class ColoSource:
                         continue
                     self.epochs += 1
                     answer = b"".join(encode_colo(m) for m in item.answers)
+                    if self._hold is not None and not self._hold.done():
+                        # the switchover's final epoch: it ships it; nobody answers
+                        self._held_answer = answer
+                        self._held_since = self._answered_seq  # its STOP is newer
+                        self._hold.set_result(item.epoch)
+                        continue
                     if self.ack_mode == "async":
-                        writer.write(answer)
-                        await writer.drain()
+                        await self._answer(writer, answer)
                         await self.sink(item.epoch)
                     else:
                         await self.sink(item.epoch)
-                        writer.write(answer)
-                        await writer.drain()
+                        await self._answer(writer, answer)
                 if not chunk or cap.ended:
                     break
             if not self._done.done():

@@ -1,12 +1,16 @@
 """Acceptance: planned switchover, re-protection and metrics on real QEMU (TCG, shared-RAM
-source), real mosquitto and the real CLI agents (`protect --control --metrics`, `shadow
---metrics`, `switchover --json`); the replication link is a unix socket.
+source; KVM, COLO source), real mosquitto and the real CLI agents (`protect --control
+--metrics`, `shadow --metrics`, `switchover --json`); the replication link is a unix socket.
 
 - ``qmpshadow switchover``: the final epoch is committed and the promoted copy resumes from
   exactly it (lost_epochs == 0, the guest counter goes on from where the primary stopped,
   mism=0); the two QEMUs are never seen running at once; the old primary is killed; the
   committed epochs never go backwards; downtime comes from QEMU's STOP/RESUME timestamps.
 - the agents' Prometheus endpoints, scraped over HTTP while protection runs.
+- COLO (KVM): the final epoch is a COLO checkpoint QEMU takes on request and that the
+  source agent holds unanswered: the same zero-loss outcome from exactly that checkpoint;
+  and a switchover that cannot commit rolls back (the held checkpoint is answered and
+  the primary runs on, protected).
 - re-protection: the promoted VM is protected again by a fresh shadow (new replica,
   generation 3) and switched over a second time (generation 4).
 """
@@ -29,9 +33,11 @@ from qmpshadow.agents.metrics import AgentMetrics
 from qmpshadow.cluster.mosquitto import Mosquitto
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
-from qmpshadow.qemu.testguest import parse_serial, wait_for_counter
+from qmpshadow.qemu.testguest import guest_kernel_path, parse_serial, wait_for_counter
 from tests.faults.e2e import (
     CLI,
+    GUEST_ARGS,
+    MIB,
     Agent,
     RunStates,
     cluster_args,
@@ -70,29 +76,31 @@ class Pair:
     """A source and a shadow agent protecting one VM."""
 
     def __init__(self, tmp: Path, tag: str, spec_path: Path, qmp: Path, broker: Mosquitto,
-                 generation: int) -> None:
+                 generation: int, *, accel: str = "tcg",
+                 source_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.replica = tmp / f"replica{tag}"
         self.control = tmp / f"src{tag}.sock"
         link = f"unix:{tmp / f'link{tag}.sock'}"
         cargs = cluster_args(broker, lease_ms=LEASE_MS)
         self.shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica",
-                             str(self.replica), "--listen", link, "--accel", "tcg", "--json",
+                             str(self.replica), "--listen", link, "--accel", accel, "--json",
                              "--metrics", "127.0.0.1:0", *cargs], tmp / f"shadow{tag}.out")
         self.source_argv = [*CLI, "protect", "--spec", str(spec_path), "--qmp", str(qmp),
                             "--to", link, "--interval", "200", "--json", "--generation",
                             str(generation), "--control", str(self.control),
-                            "--metrics", "127.0.0.1:0", *cargs]
+                            "--metrics", "127.0.0.1:0", *source_args, *cargs]
         self.source: Agent | None = None
         self.tag = tag
 
-    async def start(self) -> None:
-        await self.shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+    async def start(self, timeout: float = 60) -> None:
+        await self.shadow.wait_event(lambda e: e.get("event") == "shadow-ready",
+                                     timeout=timeout)
         self.source = Agent(self.source_argv, self.tmp / f"source{self.tag}.out")
         await self.source.wait_event(lambda e: e.get("event") == "lease-protected", timeout=30)
         await self.shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
         await self.shadow.wait_event(lambda e: e.get("event") == "committed"
-                                     and e["epoch"] >= 4, timeout=60)
+                                     and e["epoch"] >= 4, timeout=timeout)
 
     def committed(self) -> list[int]:
         return [e["epoch"] for e in self.shadow.events() if e.get("event") == "committed"]
@@ -104,7 +112,7 @@ class Pair:
 
 
 async def switchover(pair: Pair, primary: Path | Any, primary_serial: Path,
-                     generation: int) -> dict[str, Any]:
+                     generation: int, *, colo: bool = False) -> dict[str, Any]:
     """Run `qmpshadow switchover` while watching both run states; check the outcome."""
     assert pair.source is not None
     standby_qmp = pair.replica / "standby" / "qmp2.sock"
@@ -127,8 +135,14 @@ async def switchover(pair: Pair, primary: Path | Any, primary_serial: Path,
     assert committed == sorted(committed) and committed[-1] == res["epoch"], committed
     assert res["generation"] == generation + 1 and res["reprotect_generation"] == generation + 2
     # timings from QEMU's own STOP (primary) and RESUME (promoted copy) timestamps
-    assert t0 <= res["requested_at"] <= res["stopped_at"] < res["resumed_at"] <= t1, res
-    assert 0 < res["downtime_ms"] <= res["move_ms"], res
+    if colo:
+        # the held checkpoint may be one QEMU had started before the request came
+        assert t0 <= res["requested_at"] < res["resumed_at"] <= t1, res
+        assert res["stopped_at"] < res["resumed_at"] and res["move_ms"] > 0, res
+        assert res["requested_at"] - res["stopped_at"] < 5, res
+    else:
+        assert t0 <= res["requested_at"] <= res["stopped_at"] < res["resumed_at"] <= t1, res
+        assert 0 < res["downtime_ms"] <= res["move_ms"], res
     assert res["old_primary"] == "killed" and not pid_alive(res["old_pid"])
     # never two running copies; both were seen running
     assert states.ran("primary") and states.ran("shadow")
@@ -276,6 +290,80 @@ async def test_reprotect_after_switchover_then_switch_over_again(
             second.close()
         for pid in pids:
             kill_pid(pid)
+
+
+def write_colo_spec(path: Path) -> Path:
+    """The test guest with plain RAM (``pc.ram``) under KVM: the COLO source's VM."""
+    path.write_text(f"""
+name = "fo"
+kernel = "{guest_kernel_path()}"
+kernel_args = "{GUEST_ARGS}"
+accel = "kvm"
+[memory]
+size_mib = {MIB}
+""")
+    return path
+
+
+async def test_colo_switchover_moves_the_vm_from_its_held_final_checkpoint(
+        launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, kvm: AccelChoice) -> None:
+    """COLO under KVM: QEMU takes the final checkpoint on request and the source agent holds
+    it unanswered (the primary stays stopped at it); committed, the shadow promotes from
+    exactly it and the old primary is killed without ever resuming."""
+    spec_path = write_colo_spec(short_tmp / "vm.toml")
+    vm = await launch_vm(VmSpec.from_toml(spec_path), accel=kvm, start_timeout=30)
+    await wait_for_counter(vm.run.serial_log, timeout=90)
+    pair = Pair(short_tmp, "", spec_path, vm.run.qmp2_sock, broker, generation=1,
+                accel="kvm", source_args=("--source", "colo", "--ack", "async"))
+    res: dict[str, Any] = {}
+    try:
+        await pair.start(timeout=120)
+        assert pair.source is not None
+        res = await switchover(pair, vm.qmp, vm.run.serial_log, generation=1, colo=True)
+        # only dirty pages + device state: the final epoch is a COLO checkpoint, not full
+        assert res["full"] is False, res
+        await asyncio.wait_for(vm.wait(), 10)
+        ended = [e for e in pair.source.events() if e.get("event") == "protect-finished"]
+        assert ended and ended[0]["outcome"] == "switched-over"
+    finally:
+        pair.close()
+        kill_pid(res.get("new_pid"))
+
+
+async def test_colo_switchover_that_cannot_commit_rolls_back_then_succeeds(
+        launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, kvm: AccelChoice) -> None:
+    """A commit timeout no shadow can meet (1 ms): the switchover aborts, the held final
+    checkpoint is answered and the primary resumes from it, still protected (the COLO
+    session goes on); a second switchover then moves it with zero loss."""
+    spec_path = write_colo_spec(short_tmp / "vm.toml")
+    vm = await launch_vm(VmSpec.from_toml(spec_path), accel=kvm, start_timeout=30)
+    await wait_for_counter(vm.run.serial_log, timeout=90)
+    pair = Pair(short_tmp, "", spec_path, vm.run.qmp2_sock, broker, generation=1,
+                accel="kvm", source_args=("--source", "colo", "--ack", "sync"))
+    res: dict[str, Any] = {}
+    try:
+        await pair.start(timeout=120)
+        assert pair.source is not None
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "switchover", "--control", str(pair.control), "--commit-timeout", "0.001",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode != 0 and b"switchover aborted" in err, (out, err)
+        held = (await pair.source.wait_event(
+            lambda e: e.get("event") == "switchover-stopped"))["epoch"]
+        await pair.source.wait_event(lambda e: e.get("event") == "resumed", timeout=30)
+        assert await runs_soon(vm.qmp)
+        # protection goes on past the held epoch: later checkpoints are committed
+        await pair.shadow.wait_event(lambda e: e.get("event") == "committed"
+                                     and e["epoch"] >= held + 2, timeout=60)
+        assert pair.source.proc.poll() is None and pair.shadow.proc.poll() is None
+        lines = parse_serial(vm.run.serial_log.read_text(errors="replace"))
+        assert all(x.mism == 0 for x in lines), [x for x in lines if x.mism][:3]
+        res = await switchover(pair, vm.qmp, vm.run.serial_log, generation=1, colo=True)
+        assert res["epoch"] > held + 1
+    finally:
+        pair.close()
+        kill_pid(res.get("new_pid"))
 
 
 def test_metrics_endpoint_counts_failovers_over_http() -> None:
