@@ -4,9 +4,12 @@
 One run, two chains of moves of a test VM (default 1 GiB, TCG, the dirtier guest writing
 --pages pages per ~1 ms loop in a --region MiB region: steady dirtying), on this host:
 
-* **switchover** (--moves times): the VM (RAM in a shared file in /dev/shm) is protected
-  by real `qmpshadow protect` / `qmpshadow shadow` agents (unix link, private mosquitto,
-  checkpoints every --interval ms) and moved by the real `qmpshadow switchover --json`.
+* **switchover** (--moves times): the VM is protected by real `qmpshadow protect` /
+  `qmpshadow shadow` agents (unix link, private mosquitto, checkpoints every --interval ms)
+  and moved by the real `qmpshadow switchover --json`. --source: ``shared-ram`` (the
+  default under TCG; RAM in a shared file in /dev/shm, the final epoch hashes all of it)
+  or ``colo`` (the default under --accel kvm; plain RAM, QEMU's COLO checkpoints, the final
+  epoch is a checkpoint QEMU takes on request: dirty pages + device state).
   The promoted copy is then protected again by a fresh shadow (re-protection, generation
   +2) and moved again, and so on.
 * **migration** (--moves times): the same guest (plain RAM by default, see --migrate-ram)
@@ -28,7 +31,9 @@ After each move (untimed) the guest must carry on at the destination with mism=0
 the switchover, from exactly the final epoch (lost_epochs=0).
 
 Last line: RESULT switchover_move_ms=X migrate_move_ms=Y switchover_downtime_ms=Z
-migrate_downtime_ms=W (medians). Targets: X <= 0.1*Y, Z <= 1.5*W.
+migrate_downtime_ms=W (medians). Targets: X <= 0.1*Y, Z <= 1.5*W. The switchover's
+downtime is also split into its consecutive pieces (stop+capture, ship+commit, release,
+the shadow's stream build, send, load, handoff, cont), per move and as medians.
 """
 
 from __future__ import annotations
@@ -58,11 +63,12 @@ from qmpshadow.testing.guest import guest_continues, last_counter
 from tests.faults.e2e import CLI, Agent, cluster_args, kill_pid
 
 
-def write_spec(path: Path, mem_path: Path | None, args: argparse.Namespace) -> Path:
+def write_spec(path: Path, mem_path: Path | None, args: argparse.Namespace,
+               backend_id: str = "mem") -> Path:
     """The test VM's spec; RAM in the shared file ``mem_path``, or plain RAM (None)."""
     guest = kernel_args(pages=args.pages, region_mib=args.region, delay_us=args.delay,
                         pattern="text", print_ms=100)
-    memory = (f'backend = "file"\nbackend_id = "mem"\nmem_path = "{mem_path}"'
+    memory = (f'backend = "file"\nbackend_id = "{backend_id}"\nmem_path = "{mem_path}"'
               if mem_path is not None else 'backend = "ram"')
     path.write_text(f"""
 name = "sw"
@@ -99,7 +105,11 @@ async def carries_on(old_serial: Path, new_serial: Path) -> bool:
 
 async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespace
                            ) -> list[dict[str, Any]]:
-    spec = write_spec(root / "s0.toml", root / "s0.ram", args)
+    colo = args.source == "colo"
+    # COLO: the primary has plain RAM (QEMU sends its dirty pages); a promoted copy's RAM
+    # is its replica's file, under the primary's RAMBlock name (pc.ram)
+    spec = write_spec(root / "s0.toml", None if colo else root / "s0.ram", args)
+    source_args = ["--source", "colo", "--ack", args.ack] if colo else []
     run = RunPaths.create(root / "s0")
     vm = QemuProcess(primary_argv(VmSpec.from_toml(spec), run, accel=args.accel), run,
                      name="primary", die_with_parent=True)
@@ -124,7 +134,7 @@ async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespa
                 source = Agent([*CLI, "protect", "--spec", str(spec), "--qmp", str(qmp),
                                 "--to", link, "--interval", str(args.interval), "--json",
                                 "--generation", str(gen), "--control", str(control),
-                                *cargs], root / f"source{i}.out")
+                                *source_args, *cargs], root / f"source{i}.out")
                 await source.wait_event(lambda e: e.get("event") == "lease-protected", 60)
                 await shadow.wait_event(lambda e: e.get("event") == "watch-armed", 60)
                 first = (await shadow.wait_event(lambda e: e.get("event") == "committed",
@@ -164,13 +174,15 @@ async def switchover_chain(root: Path, broker: Mosquitto, args: argparse.Namespa
                   f"epoch {res['epoch']}, lost {res['lost_epochs']}, "
                   f"{'full' if res['full'] else 'delta'}; CLI wall {cli_ms:.0f} ms)  guest "
                   f"{'ok' if res['guest_ok'] else 'BAD'}", flush=True)
+            print(f"      downtime: {breakdown(res)}", flush=True)
             # the old primary was killed by the switchover: its RAM can go
             if prev_dir is not None:
                 shutil.rmtree(prev_dir, ignore_errors=True)
             else:
                 (root / "s0.ram").unlink(missing_ok=True)
             prev_dir = rep
-            spec = write_spec(root / f"s{i + 1}.toml", rep / "ram", args)
+            spec = write_spec(root / f"s{i + 1}.toml", rep / "ram", args,
+                              backend_id="pc.ram" if colo else "mem")
             qmp, serial = rep / "standby" / "qmp2.sock", new_serial
             gen = int(res["reprotect_generation"])
     finally:
@@ -253,11 +265,34 @@ def med(rs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r[key]) for r in rs)
 
 
+#: the switchover's downtime in consecutive pieces (STOP → ... → RESUME), from its answer
+PIECES = (("stop_to_captured_ms", "stop+capture"), ("commit_ms", "ship+commit"),
+          ("release_ms", "release"), ("shadow_build_ms", "build"),
+          ("shadow_send_ms", "send"), ("shadow_load_ms", "load"),
+          ("shadow_handoff_ms", "handoff"), ("shadow_resume_ms", "cont"))
+
+
+def breakdown(res: dict[str, Any]) -> str:
+    """The downtime pieces of one switchover; unknown ones say so."""
+    return ", ".join(f"{label} {res[key]:.1f}" if isinstance(res.get(key), (int, float))
+                     else f"{label} ?" for key, label in PIECES) + " ms"
+
+
+def median_breakdown(rs: list[dict[str, Any]]) -> str:
+    out = []
+    for key, label in PIECES:
+        vals = [float(r[key]) for r in rs if isinstance(r.get(key), (int, float))]
+        out.append(f"{label} {statistics.median(vals):.1f}" if vals else f"{label} ?")
+    return ", ".join(out) + " ms"
+
+
 async def main(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="qs-sw-", dir=args.dir))
     broker = Mosquitto(root / "broker")
     broker.start()
-    print(f"VM: {args.mem} MiB, {args.accel}, dirtier pages={args.pages} region="
+    ack = f" (ack {args.ack})" if args.source == "colo" else ""
+    print(f"VM: {args.mem} MiB, {args.accel}, {args.source} source{ack}, dirtier "
+          f"pages={args.pages} region="
           f"{args.region} MiB delay={args.delay} us (steady dirtying), RAM files in "
           f"{args.dir}; {args.moves} moves each way; switchover: checkpoints every "
           f"{args.interval} ms, heartbeats 100 ms, lease {args.lease_ms} ms, unix link, "
@@ -279,6 +314,7 @@ async def main(args: argparse.Namespace) -> int:
     print(f"switchover CLI wall clock (incl. Python start-up): median "
           f"{med(sw, 'cli_ms'):.0f} ms; final epoch {med(sw, 'final_epoch_ms'):.1f} ms, "
           f"commit {med(sw, 'commit_ms'):.1f} ms, promote {med(sw, 'promote_ms'):.1f} ms")
+    print(f"switchover downtime pieces (medians): {median_breakdown(sw)}")
     lost = sum(int(r["lost_epochs"]) for r in sw)
     bad = sum(not r["guest_ok"] for r in sw + mig)
     print(f"lost epochs {lost}; guest checks failed {bad} of {len(sw) + len(mig)}")
@@ -296,6 +332,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 moves each way, 256 MiB VM")
     p.add_argument("--mem", type=int, default=1024, help="guest MiB (default 1024)")
     p.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
+    p.add_argument("--source", choices=["auto", "shared-ram", "colo"], default="auto",
+                   help="the switchover's checkpoint source (auto: colo under kvm, "
+                   "shared-ram under tcg; QEMU 7.2's COLO deadlocks under TCG)")
+    p.add_argument("--ack", choices=["async", "sync"], default="async",
+                   help="COLO ack mode of the protection before the move (default async)")
     p.add_argument("--pages", type=int, default=4, help="pages dirtied per loop (default 4)")
     p.add_argument("--region", type=int, default=64, help="dirty region MiB (default 64)")
     p.add_argument("--delay", type=int, default=1000, help="guest delay per loop in us")
@@ -312,6 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the protected one")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     args = p.parse_args(argv)
+    if args.source == "auto":
+        args.source = "colo" if args.accel == "kvm" else "shared-ram"
+    if args.source == "colo" and args.accel != "kvm":
+        p.error("--source colo needs --accel kvm (QEMU 7.2's COLO deadlocks under TCG)")
     if args.quick:
         args.moves = min(args.moves, 3)
         args.mem = min(args.mem, 256)

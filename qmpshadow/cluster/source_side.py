@@ -611,6 +611,7 @@ class SourceCluster:
                     self.running.set()
                 raise
             t_stopped = time.monotonic()
+            captured_at = time.time()
             self._held_resume = resume
             self._emit("switchover-stopped", epoch=ep.number, stopped_at=stopped_at,
                        full=ep.full)
@@ -664,6 +665,13 @@ class SourceCluster:
             "promote_ms": (round((resumed_at - committed_at) * 1000, 1) if resumed_at
                            else None),
             "confirmed_ms": round((t_promoted - t_committed) * 1000, 1),
+            # where the downtime goes (wall clocks of one host; see docs/switchover.md)
+            "stop_to_captured_ms": _ms_between(stopped_at, captured_at),
+            "release_ms": _ms_between(committed_at, f.get("decided_at")),
+            "shadow_promote_ms": _ms_between(f.get("decided_at"), resumed_at),
+            "shadow_build_ms": f.get("build_ms"), "shadow_send_ms": f.get("send_ms"),
+            "shadow_load_ms": f.get("load_ms"), "shadow_handoff_ms": f.get("handoff_ms"),
+            "shadow_resume_ms": f.get("resume_ms"),
             "full": ep.full, "new_pid": f.get("pid"), "old_pid": self.primary.pid,
             "old_primary": "killed" if killed else "stopped (kill failed)",
             "shadow_running_ms": f.get("running_ms"),
@@ -675,4 +683,11 @@ class SourceCluster:
     @property
     def state(self) -> SourceState:
         return self.sm.state
+
+
+def _ms_between(a: Any, b: Any) -> float | None:
+    """b - a in ms, rounded; None when either time is unknown."""
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return None
+    return round((float(b) - float(a)) * 1000, 1)
 

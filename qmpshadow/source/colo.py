@@ -285,7 +285,11 @@ class ColoSource:
             os.unlink(self.sock_path)
         self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
         try:
-            await self.qmp.migrate_set_capabilities({"x-colo": True, "events": True})
+            # x-ignore-shared off: a primary that was a promoted shadow still has it on
+            # (its promotion stream used it), and its RAM is a shared file: QEMU would
+            # then leave the main RAM out of every checkpoint
+            await self.qmp.migrate_set_capabilities({"x-colo": True, "events": True,
+                                                     "x-ignore-shared": False})
             await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay,
                                                   max_bandwidth=1 << 40)
             await self.qmp.migrate(f"unix:{self.sock_path}")

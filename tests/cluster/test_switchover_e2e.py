@@ -292,8 +292,11 @@ async def test_reprotect_after_switchover_then_switch_over_again(
             kill_pid(pid)
 
 
-def write_colo_spec(path: Path) -> Path:
-    """The test guest with plain RAM (``pc.ram``) under KVM: the COLO source's VM."""
+def write_colo_spec(path: Path, mem_path: Path | None = None) -> Path:
+    """The test VM under KVM for the COLO source: plain RAM (``pc.ram``), or a promoted
+    copy's RAM: its replica's file under the same RAMBlock name."""
+    memory = (f'backend = "file"\nbackend_id = "pc.ram"\nmem_path = "{mem_path}"'
+              if mem_path is not None else "")
     path.write_text(f"""
 name = "fo"
 kernel = "{guest_kernel_path()}"
@@ -301,33 +304,54 @@ kernel_args = "{GUEST_ARGS}"
 accel = "kvm"
 [memory]
 size_mib = {MIB}
+{memory}
 """)
     return path
+
+
+COLO_ARGS = ("--source", "colo", "--ack", "async")
 
 
 async def test_colo_switchover_moves_the_vm_from_its_held_final_checkpoint(
         launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto, kvm: AccelChoice) -> None:
     """COLO under KVM: QEMU takes the final checkpoint on request and the source agent holds
     it unanswered (the primary stays stopped at it); committed, the shadow promotes from
-    exactly it and the old primary is killed without ever resuming."""
+    exactly it and the old primary is killed without ever resuming. The promoted copy is
+    protected again over COLO (it still has the x-ignore-shared capability its promotion
+    used: the COLO source must turn it off) and switched over a second time."""
     spec_path = write_colo_spec(short_tmp / "vm.toml")
     vm = await launch_vm(VmSpec.from_toml(spec_path), accel=kvm, start_timeout=30)
     await wait_for_counter(vm.run.serial_log, timeout=90)
     pair = Pair(short_tmp, "", spec_path, vm.run.qmp2_sock, broker, generation=1,
-                accel="kvm", source_args=("--source", "colo", "--ack", "async"))
-    res: dict[str, Any] = {}
+                accel="kvm", source_args=COLO_ARGS)
+    second: Pair | None = None
+    pids: list[Any] = []
     try:
         await pair.start(timeout=120)
         assert pair.source is not None
         res = await switchover(pair, vm.qmp, vm.run.serial_log, generation=1, colo=True)
+        pids.append(res["new_pid"])
         # only dirty pages + device state: the final epoch is a COLO checkpoint, not full
         assert res["full"] is False, res
         await asyncio.wait_for(vm.wait(), 10)
         ended = [e for e in pair.source.events() if e.get("event") == "protect-finished"]
         assert ended and ended[0]["outcome"] == "switched-over"
+        run1 = pair.replica / "standby"
+        spec2 = write_colo_spec(short_tmp / "vm2.toml", pair.replica / "ram")
+        second = Pair(short_tmp, "2", spec2, run1 / "qmp2.sock", broker,
+                      generation=res["reprotect_generation"], accel="kvm",
+                      source_args=COLO_ARGS)
+        await second.start(timeout=120)
+        res2 = await switchover(second, run1 / "qmp.sock", run1 / "serial.log",
+                                generation=res["reprotect_generation"], colo=True)
+        pids.append(res2["new_pid"])
+        assert res2["generation"] == 4 and not pid_alive(res["new_pid"])
     finally:
         pair.close()
-        kill_pid(res.get("new_pid"))
+        if second is not None:
+            second.close()
+        for pid in pids:
+            kill_pid(pid)
 
 
 async def test_colo_switchover_that_cannot_commit_rolls_back_then_succeeds(
@@ -339,7 +363,7 @@ async def test_colo_switchover_that_cannot_commit_rolls_back_then_succeeds(
     vm = await launch_vm(VmSpec.from_toml(spec_path), accel=kvm, start_timeout=30)
     await wait_for_counter(vm.run.serial_log, timeout=90)
     pair = Pair(short_tmp, "", spec_path, vm.run.qmp2_sock, broker, generation=1,
-                accel="kvm", source_args=("--source", "colo", "--ack", "sync"))
+                accel="kvm", source_args=(*COLO_ARGS[:-1], "sync"))
     res: dict[str, Any] = {}
     try:
         await pair.start(timeout=120)
