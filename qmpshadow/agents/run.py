@@ -208,6 +208,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             raise ConfigError("switchover needs automatic failover: run `qmpshadow protect` "
                               "with --broker (the shadow agent too)")
         commit_timeout = float(req.get("commit_timeout", 10.0))
+        prefinal = bool(req.get("prefinal", True))
         promote_timeout = float(req.get("promote_timeout", 30.0))
         if source == "colo":
             if not coloed:
@@ -219,6 +220,12 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 # QEMU stops the primary for this checkpoint and keeps it stopped until
                 # the held answer goes out (abort) or it is killed (handover)
                 try:
+                    if prefinal:
+                        # a checkpoint right before the final one, committed before it
+                        # starts: the final one (the downtime) then holds only what the
+                        # guest dirtied in between instead of up to one interval's worth
+                        pre = await colo.checkpoint_now(timeout=_FINAL_CHECKPOINT_TIMEOUT)
+                        await agent.wait_committed(pre, commit_timeout)
                     ep = await colo.final_checkpoint(timeout=_FINAL_CHECKPOINT_TIMEOUT)
                 except BaseException:
                     await colo.release_held()

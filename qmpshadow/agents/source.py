@@ -284,6 +284,21 @@ class SourceAgent:
         self._emit(ep, stats)
         return acked
 
+    async def wait_committed(self, number: int, timeout: float) -> bool:
+        """Whether the shadow acknowledged epoch ``number`` (or a later one) within
+        ``timeout`` seconds. False also for an epoch not in flight (never shipped, or its
+        link was lost). Raises nothing."""
+        if self.stats.committed >= number:
+            return True
+        fut = self._acks.get(number)
+        if fut is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except (TimeoutError, QmpShadowError):
+            return False
+        return True
+
     def _emit(self, ep: CapturedEpoch, stats: EncodeStats | None, error: str = "") -> None:
         if self.on_status is None:
             return

@@ -26,6 +26,10 @@ def register(sub: Any) -> None:
     p.add_argument("--promote-timeout", type=float, default=30.0, metavar="S",
                    help="after the release, wait S seconds for the shadow's promotion "
                    "(default 30)")
+    p.add_argument("--no-prefinal", dest="prefinal", action="store_false",
+                   help="COLO source: skip the checkpoint taken (and committed) right before "
+                   "the final one; the final epoch then holds up to one checkpoint interval "
+                   "of dirty pages, all of it in the downtime")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_switchover)
 
@@ -39,7 +43,7 @@ def run_switchover(args: argparse.Namespace) -> int:
     answer = asyncio.run(request(
         args.control, "switchover", timeout=args.commit_timeout + args.promote_timeout + 60,
         args={"commit_timeout": args.commit_timeout,
-              "promote_timeout": args.promote_timeout}))
+              "promote_timeout": args.promote_timeout, "prefinal": args.prefinal}))
     answer.pop("ok", None)
     if args.json:
         print(json.dumps(answer))

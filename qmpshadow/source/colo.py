@@ -188,6 +188,7 @@ class ColoSource:
         self._done: asyncio.Future[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._hold: asyncio.Future[CapturedEpoch] | None = None
+        self._next_done: asyncio.Future[int] | None = None
         self._held_answer: bytes | None = None
         self._held_since = 0
         #: event seq after the last answered checkpoint: the next STOP is newer than it
@@ -240,6 +241,32 @@ class ColoSource:
             stop = await self.qmp.wait_event("STOP", timeout=1.0, since=self._held_since)
             self.stopped_at = stop.timestamp
         return ep
+
+    async def checkpoint_now(self, *, timeout: float = 10.0) -> int:
+        """Make QEMU take a checkpoint now (as :meth:`final_checkpoint` does) and return
+        the number of the next epoch once it was answered and handed to the sink (a
+        checkpoint in flight may be that one). A switchover runs one right before its
+        final checkpoint, so that the final one, taken with the primary stopped until the
+        shadow committed it, holds only what the guest dirtied in between.
+
+        Raises QmpShadowError: no COLO session, QMP failed, or no epoch within ``timeout``.
+        """
+        if self._done is None or self._done.done():
+            raise QmpShadowError("no COLO session with the primary: cannot take a checkpoint")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._next_done = fut
+        try:
+            await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(fut)
+        finally:
+            self._next_done = None
+            if not fut.done():
+                fut.cancel()
+        if fut.cancelled():
+            raise QmpShadowError(f"the primary took no COLO checkpoint within {timeout:g} s")
+        return fut.result()
 
     async def release_held(self) -> bool:
         """Answer the held checkpoint (VMSTATE_RECEIVED/LOADED): the primary resumes.
@@ -332,6 +359,8 @@ class ColoSource:
                     else:
                         await self.sink(item.epoch)
                         await self._answer(writer, answer)
+                    if self._next_done is not None and not self._next_done.done():
+                        self._next_done.set_result(item.epoch.number)
                 if not chunk or cap.ended:
                     break
             if not self._done.done():
