@@ -269,7 +269,7 @@ def med(rs: list[dict[str, Any]], key: str) -> float:
 #: the switchover's downtime in consecutive pieces (STOP → ... → RESUME), from its answer
 PIECES = (("stop_to_captured_ms", "stop+capture"), ("commit_ms", "ship+commit"),
           ("release_ms", "release"), ("shadow_build_ms", "build"),
-          ("shadow_send_ms", "send"), ("shadow_load_ms", "load"),
+          ("shadow_connect_ms", "connect"), ("shadow_send_ms", "send"), ("shadow_load_ms", "load"),
           ("shadow_handoff_ms", "handoff"), ("shadow_resume_ms", "cont"))
 
 
