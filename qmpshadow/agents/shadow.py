@@ -43,9 +43,8 @@ class ShadowAgent:
     def __init__(self, *, listener: Listener, replica: Replica, machine_type: str | None,
                  name: str = "", on_status: StatusFn | None = None,
                  on_commit: Callable[[], object] | None = None) -> None:
-        """``on_commit`` runs after each commit, right after the ack went out (e.g. the
-        standby's ``prepare`` so that the promotion stream is built off the failover path;
-        a promotion decided meanwhile runs after it, on this same event loop)."""
+        """``on_commit`` runs after each commit, before the ack (e.g. the standby's
+        ``prepare`` so that the promotion stream is built off the failover path)."""
         self.listener = listener
         self.replica = replica
         self.machine_type = machine_type
@@ -197,11 +196,6 @@ class ShadowAgent:
                         done = asm.feed(frame)
                         if done is not None:
                             await self._commit(done)
-                            # ack first: the commit is what it vouches for; the source
-                            # (a checkpoint pause in sync mode, a switchover's downtime)
-                            # waits for it while on_commit runs
-                            await link.send_frame(Ack(generation=done.generation,
-                                                      epoch=done.epoch, digest=done.digest))
                             if self.on_commit is not None:
                                 try:
                                     self.on_commit()
@@ -210,6 +204,8 @@ class ShadowAgent:
                                               done.epoch, exc)
                                     self._emit(event="not-promotable", epoch=done.epoch,
                                                reason=str(exc))
+                            await link.send_frame(Ack(generation=done.generation,
+                                                      epoch=done.epoch, digest=done.digest))
                             asm = None
                     except FrameError as exc:
                         log.warning("epoch refused, asking for a resync: %s", exc)
