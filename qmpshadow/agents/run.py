@@ -224,8 +224,14 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         # a checkpoint right before the final one, committed before it
                         # starts: the final one (the downtime) then holds only what the
                         # guest dirtied in between instead of up to one interval's worth
+                        t0 = time.monotonic()
                         pre = await colo.checkpoint_now(timeout=_FINAL_CHECKPOINT_TIMEOUT)
-                        await agent.wait_committed(pre, commit_timeout)
+                        t1 = time.monotonic()
+                        ok = await agent.wait_committed(pre, commit_timeout)
+                        status({"event": "switchover-prefinal", "epoch": pre,
+                                "committed": ok,
+                                "checkpoint_ms": round((t1 - t0) * 1000, 1),
+                                "commit_ms": round((time.monotonic() - t1) * 1000, 1)})
                     ep = await colo.final_checkpoint(timeout=_FINAL_CHECKPOINT_TIMEOUT)
                 except BaseException:
                     await colo.release_held()
