@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import AccelError, QmpShadowError, StreamFormatError, StreamUnsupportedError
 from ..frames.wire import DeviceStateFormat
@@ -46,6 +46,7 @@ from ..qmp.control import QmpControl
 from .epoch import CapturedEpoch, block_table
 
 AckMode = str  # "async" | "sync"
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -229,15 +230,9 @@ class ColoSource:
         hold: asyncio.Future[CapturedEpoch] = asyncio.get_running_loop().create_future()
         self._hold = hold
         try:
-            await self._notify_until(hold, timeout)
+            ep = await self._checkpoint(hold, timeout)
         finally:
             self._hold = None
-            if not hold.done():
-                hold.cancel()
-        if hold.cancelled():
-            raise QmpShadowError(f"the primary took no COLO checkpoint within {timeout:g} s "
-                                 "of the request; it runs on")
-        ep = hold.result()
         with contextlib.suppress(QmpShadowError):
             stop = await self.qmp.wait_event("STOP", timeout=1.0, since=self._held_since)
             self.stopped_at = stop.timestamp
@@ -257,13 +252,24 @@ class ColoSource:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._next_done = fut
         try:
-            await self._notify_until(fut, timeout)
+            return await self._checkpoint(fut, timeout)
         finally:
             self._next_done = None
+
+    async def _checkpoint(self, fut: asyncio.Future[_T], timeout: float) -> _T:
+        """``fut``'s result, once the handler resolved it for a checkpoint asked for now.
+
+        Raises QmpShadowError: QMP failed, or no checkpoint within ``timeout`` (the primary
+        runs on).
+        """
+        try:
+            await self._notify_until(fut, timeout)
+        finally:
             if not fut.done():
                 fut.cancel()
         if fut.cancelled():
-            raise QmpShadowError(f"the primary took no COLO checkpoint within {timeout:g} s")
+            raise QmpShadowError(f"the primary took no COLO checkpoint within {timeout:g} s "
+                                 "of the request; it runs on")
         return fut.result()
 
     async def _notify_until(self, fut: asyncio.Future[Any], timeout: float) -> None:

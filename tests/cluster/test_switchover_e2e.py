@@ -33,11 +33,9 @@ from qmpshadow.agents.metrics import AgentMetrics
 from qmpshadow.cluster.mosquitto import Mosquitto
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import VmSpec
-from qmpshadow.qemu.testguest import guest_kernel_path, parse_serial, wait_for_counter
+from qmpshadow.qemu.testguest import parse_serial, wait_for_counter
 from tests.faults.e2e import (
     CLI,
-    GUEST_ARGS,
-    MIB,
     Agent,
     RunStates,
     cluster_args,
@@ -109,6 +107,15 @@ class Pair:
         if self.source is not None:
             self.source.close()
         self.shadow.close()
+
+
+def close_all(pairs: list[Pair | None], pids: list[Any]) -> None:
+    """Stop the agents of ``pairs`` and kill the promoted QEMUs ``pids``."""
+    for pair in pairs:
+        if pair is not None:
+            pair.close()
+    for pid in pids:
+        kill_pid(pid)
 
 
 async def switchover(pair: Pair, primary: Path | Any, primary_serial: Path,
@@ -285,28 +292,13 @@ async def test_reprotect_after_switchover_then_switch_over_again(
         assert res2["generation"] == 4
         assert not pid_alive(res1["new_pid"])  # the first promoted copy was fenced
     finally:
-        first.close()
-        if second is not None:
-            second.close()
-        for pid in pids:
-            kill_pid(pid)
+        close_all([first, second], pids)
 
 
 def write_colo_spec(path: Path, mem_path: Path | None = None) -> Path:
     """The test VM under KVM for the COLO source: plain RAM (``pc.ram``), or a promoted
     copy's RAM: its replica's file under the same RAMBlock name."""
-    memory = (f'backend = "file"\nbackend_id = "pc.ram"\nmem_path = "{mem_path}"'
-              if mem_path is not None else "")
-    path.write_text(f"""
-name = "fo"
-kernel = "{guest_kernel_path()}"
-kernel_args = "{GUEST_ARGS}"
-accel = "kvm"
-[memory]
-size_mib = {MIB}
-{memory}
-""")
-    return path
+    return write_spec(path, mem_path, accel="kvm", backend_id="pc.ram")
 
 
 COLO_ARGS = ("--source", "colo", "--ack", "async")
@@ -347,11 +339,7 @@ async def test_colo_switchover_moves_the_vm_from_its_held_final_checkpoint(
         pids.append(res2["new_pid"])
         assert res2["generation"] == 4 and not pid_alive(res["new_pid"])
     finally:
-        pair.close()
-        if second is not None:
-            second.close()
-        for pid in pids:
-            kill_pid(pid)
+        close_all([pair, second], pids)
 
 
 async def test_colo_switchover_that_cannot_commit_rolls_back_then_succeeds(

@@ -49,17 +49,20 @@ GUEST_ARGS = kernel_args(pages=16, region_mib=8, delay_us=1000, pattern="text", 
 Event = dict[str, Any]
 
 
-def write_spec(path: Path, mem_path: Path, name: str = "fo") -> Path:
+def write_spec(path: Path, mem_path: Path | None, name: str = "fo", *, accel: str = "tcg",
+               backend_id: str = "mem") -> Path:
+    """The test guest's spec: RAM in the shared file ``mem_path`` named ``backend_id``, or
+    plain RAM (``pc.ram``) when ``mem_path`` is None."""
+    memory = (f'backend = "file"\nbackend_id = "{backend_id}"\nmem_path = "{mem_path}"'
+              if mem_path is not None else "")
     path.write_text(f"""
 name = "{name}"
 kernel = "{guest_kernel_path()}"
 kernel_args = "{GUEST_ARGS}"
-accel = "tcg"
+accel = "{accel}"
 [memory]
 size_mib = {MIB}
-backend = "file"
-backend_id = "mem"
-mem_path = "{mem_path}"
+{memory}
 """)
     return path
 
