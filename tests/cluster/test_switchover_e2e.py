@@ -110,11 +110,15 @@ class Pair:
 
 
 def close_all(pairs: list[Pair | None], pids: list[Any]) -> None:
-    """Stop the agents of ``pairs`` and kill the promoted QEMUs ``pids``."""
+    """Stop the agents of ``pairs`` and kill the promoted QEMUs: ``pids`` and any the
+    shadows announced (a switchover that failed in the test left no answer to take it
+    from)."""
     for pair in pairs:
         if pair is not None:
+            pids = [*pids, *(e.get("pid") for e in pair.shadow.events()
+                             if e.get("event") == "promoted")]
             pair.close()
-    for pid in pids:
+    for pid in set(pids):
         kill_pid(pid)
 
 
