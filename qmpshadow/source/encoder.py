@@ -107,6 +107,12 @@ class EpochEncoder:
                 run_start, run = off, bytearray(page)
             if run:
                 out.append(w.small_block(bi, run_start, bytes(run)))
+        # disk blocks (a backup job writes up to 1 MiB at a time): cut to the frame bound
+        step = self.max_payload - 64
+        for disk, offset, data in ep.disk:
+            mv_d = memoryview(data)
+            for a in range(0, len(data), step):
+                out.append(w.disk_block(disk, offset + a, mv_d[a : a + step]))
         out.append(w.device_state(ep.device_format, ep.device_state))
         out.append(w.end())
         stats = EncodeStats(

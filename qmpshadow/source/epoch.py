@@ -28,6 +28,8 @@ class CapturedEpoch:
     device_format: DeviceStateFormat = DeviceStateFormat.QEMU_SECTIONS
     reported_pages: int = 0
     pause_ms: float | None = None
+    #: Disk bytes at the checkpoint: (disk index, byte offset, data) (docs/disks.md).
+    disk: list[tuple[int, int, bytes]] = field(default_factory=list)
 
     @property
     def raw_bytes(self) -> int:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..disk.replicator import DiskReplicator
 from ..errors import ConfigError, QmpShadowError, StreamFormatError
 from ..frames.pagehash import UnchangedFilter
 from ..frames.wire import DeviceStateFormat
@@ -63,9 +64,12 @@ class SharedRamSource:
 
     def __init__(self, qmp: QmpControl, *, mem_path: str | Path, main_block: str,
                  sock_path: str | Path, page_size: int = 4096,
-                 seed: int | None = None, size: int | None = None) -> None:
+                 seed: int | None = None, size: int | None = None,
+                 disks: DiskReplicator | None = None) -> None:
         """``size``: the RAM block's length when the file may be longer (a promoted
-        shadow's RAM file is a replica's, with a trailer page after the block)."""
+        shadow's RAM file is a replica's, with a trailer page after the block).
+        ``disks``: capture the VM's disks at each checkpoint too (docs/disks.md)."""
+        self.disks = disks
         self.qmp = qmp
         self.mem_path = Path(mem_path)
         self.main_block = main_block
@@ -108,9 +112,13 @@ class SharedRamSource:
         self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
         await self.qmp.migrate_set_capabilities({"x-ignore-shared": True, "events": True})
         await self.qmp.migrate_set_parameters(max_bandwidth=1 << 40)
+        if self.disks is not None:
+            await self.disks.open()
 
     async def close(self) -> None:
         """Stop listening and unmap."""
+        if self.disks is not None:
+            await self.disks.close()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -160,7 +168,12 @@ class SharedRamSource:
         self.stopped_at = None
         await qmp.stop()
         ok = False
+        disk: list[tuple[int, int, bytes]] = []
         try:
+            if self.disks is not None:
+                # before the migrate: it inactivates the block nodes, after which no
+                # backup can start, and a running job makes it fail (docs/disks.md)
+                disk = (await self.disks.capture(full=full)).blocks
             while not self._streams.empty():  # a stale stream of a failed earlier attempt
                 self._streams.get_nowait()
             await qmp.migrate(f"unix:{self.sock_path}")
@@ -192,7 +205,7 @@ class SharedRamSource:
                            main_block=self.main_block, page_size=ps, main=pages, small=small,
                            device_state=got,
                            device_format=DeviceStateFormat.IGNORE_SHARED_STREAM,
-                           reported_pages=len(changed))
+                           reported_pages=len(changed), disk=disk)
         if resume:
             ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         else:
