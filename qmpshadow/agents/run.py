@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ..disk.replicator import DiskReplicator, DiskSource
+from ..disk.spec import disk_sizes
 from ..errors import ConfigError, QmpShadowError
 from ..qemu.accel import detect_accel
 from ..qemu.argv import RunPaths
@@ -162,6 +165,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
         source = "shared-ram" if spec.memory.backend == "file" else "colo"
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
+    copied = [d for d in spec.disks if d.mode == "copy"]
+    if copied and source == "colo":
+        raise ConfigError("disks with mode = 'copy' are replicated by the shared-ram source "
+                          "only (docs/disks.md): use --source shared-ram (memory.backend = "
+                          "'file') or mode = 'shared'")
     primary = None
     if cluster is not None:
         from ..cluster.primary import PrimaryProcess, pid_of_socket
@@ -293,8 +301,14 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 if mem.backend != "file" or mem.mem_path is None:
                     raise ConfigError("the shared-ram source needs memory.backend = 'file' "
                                       "with mem_path in the VM spec")
+                reps = None
+                if copied:
+                    sizes = disk_sizes(tuple(copied))
+                    reps = DiskReplicator(
+                        qmp, [DiskSource(d.id, n) for d, n in zip(copied, sizes, strict=True)],
+                        sock.parent, tag=f"qs{os.getpid()}")
                 src = SharedRamSource(qmp, mem_path=mem.mem_path, main_block=mem.backend_id,
-                                      sock_path=sock, size=mem.size_mib << 20)
+                                      sock_path=sock, size=mem.size_mib << 20, disks=reps)
                 await src.open()
                 shared.append(src)
                 try:
@@ -393,7 +407,8 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
 
         mets = AgentMetrics("shadow", spec.name, cluster=cluster is not None)
         status = mets.wrap(status)
-    replica = Replica.open(replica_dir, durable=True)
+    replica = Replica.open(replica_dir, durable=True,
+                           disks=[d.image("shadow") for d in spec.disks if d.mode == "copy"])
     standby = Standby(spec, RunPaths.create(replica_dir / "standby"),
                       ram_path=replica.ram_path, accel=choice)
     lst: Listener | None = None

@@ -69,6 +69,8 @@ class DiskReplicator:
         self._seq = 0
         #: Last job progress (bytes done, total) per disk, from query-jobs (status).
         self.progress: list[tuple[int, int]] = [(0, 0)] * len(disks)
+        #: Time from the transaction to the last job's completion, last capture (ms).
+        self.last_job_ms = 0.0
 
     def _target(self, i: int) -> str:
         return f"{self.tag}-tgt{i}"
@@ -138,7 +140,7 @@ class DiskReplicator:
         except BaseException:
             await self._drop_bitmap(new)
             raise
-        job_ms = (time.monotonic() - t0) * 1000
+        job_ms = self.last_job_ms = (time.monotonic() - t0) * 1000
         if prev is not None:
             await self._drop_bitmap(prev)
         elif full:
