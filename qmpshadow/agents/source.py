@@ -70,7 +70,8 @@ class Mirror:
         main = {i: bytes(mv[i * ps : (i + 1) * ps]) for i in range(len(self.main) // ps)}
         return CapturedEpoch(ep.number, True, ep.blocks, ep.main_block, ps, main,
                              {b: dict(p) for b, p in self.small.items()}, ep.device_state,
-                             ep.device_format, ep.reported_pages, ep.pause_ms, ep.disk)
+                             ep.device_format, ep.reported_pages, ep.pause_ms, ep.disk,
+                             ep.scanned)
 
 
 class SourceAgent:

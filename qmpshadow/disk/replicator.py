@@ -53,6 +53,18 @@ class DiskCapture:
         return sum(len(b[2]) for b in self.blocks)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingCapture:
+    """A capture whose transaction was issued (:meth:`DiskReplicator.start`)."""
+
+    prev: str | None
+    new: str
+    jobs: dict[str, int]
+    since: int
+    t0: float
+    full: bool
+
+
 class DiskReplicator:
     """Captures the primary's disks at each checkpoint (call :meth:`capture` stopped)."""
 
@@ -111,6 +123,12 @@ class DiskReplicator:
         Raises DiskError (a job failed or timed out; the next capture is then full),
         QmpShadowError subclasses for QMP failures.
         """
+        return await self.finish(await self.start(full=full))
+
+    async def start(self, *, full: bool = False) -> PendingCapture:
+        """Issue the checkpoint's transaction (primary stopped) and return at once: the
+        jobs' copy-before-write keeps the checkpoint's blocks even once the primary runs
+        again. :meth:`finish` waits for them. Raises DiskError."""
         prev = None if full else self._bitmap
         self._seq += 1
         new = f"{self.tag}-b{self._seq}"
@@ -135,19 +153,25 @@ class DiskReplicator:
             await self.qmp.execute("transaction", {"actions": actions})
         except QmpShadowError as exc:
             raise DiskError(f"disk checkpoint transaction failed: {exc}") from exc
+        return PendingCapture(prev=prev, new=new, jobs=jobs, since=since, t0=t0,
+                              full=full or prev is None)
+
+    async def finish(self, pending: PendingCapture) -> DiskCapture:
+        """Wait for the jobs of :meth:`start` and collect their writes. Raises DiskError
+        (the next capture is then full), QmpShadowError subclasses."""
         try:
-            await self._wait_jobs(jobs, since)
+            await self._wait_jobs(pending.jobs, pending.since)
         except BaseException:
-            await self._drop_bitmap(new)
+            await self._drop_bitmap(pending.new)
             raise
-        job_ms = self.last_job_ms = (time.monotonic() - t0) * 1000
-        if prev is not None:
-            await self._drop_bitmap(prev)
-        elif full:
-            await self._drop_stale_bitmaps(keep=new)
-        self._bitmap = new
+        job_ms = self.last_job_ms = (time.monotonic() - pending.t0) * 1000
+        if pending.prev is not None:
+            await self._drop_bitmap(pending.prev)
+        else:
+            await self._drop_stale_bitmaps(keep=pending.new)
+        self._bitmap = pending.new
         blocks = [(i, off, data) for i, t in enumerate(self.targets) for off, data in t.take()]
-        return DiskCapture(full=prev is None, blocks=blocks, job_ms=job_ms)
+        return DiskCapture(full=pending.full, blocks=blocks, job_ms=job_ms)
 
     async def _wait_jobs(self, jobs: dict[str, int], since: int) -> None:
         pending = set(jobs)

@@ -78,7 +78,7 @@ class EpochEncoder:
         indices = array("Q", sorted(ep.main))
         pages = bytearray(b"".join(ep.main[i] for i in indices))
         n = len(indices)
-        if ep.device_format == DeviceStateFormat.QEMU_SECTIONS and n:
+        if ep.device_format == DeviceStateFormat.QEMU_SECTIONS and n and not ep.scanned:
             # QEMU's dirty log reports pages rewritten with the same bytes: drop them
             n = self.unchanged.filter(indices, pages)
         main = index[ep.main_block]

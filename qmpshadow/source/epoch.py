@@ -30,6 +30,9 @@ class CapturedEpoch:
     pause_ms: float | None = None
     #: Disk bytes at the checkpoint: (disk index, byte offset, data) (docs/disks.md).
     disk: list[tuple[int, int, bytes]] = field(default_factory=list)
+    #: The pages were found changed by a hash scan (shared-RAM source): the encoder's
+    #: unchanged filter, which only knows pages it was fed, must not drop any of them.
+    scanned: bool = False
 
     @property
     def raw_bytes(self) -> int:
