@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmpshadow.errors import DiskError, QmpShadowError
+from qmpshadow.errors import DiskError, QmpCommandError, QmpShadowError
 from qmpshadow.qmp.control import QmpControl
 
 from .target import NbdTarget
@@ -125,10 +125,12 @@ class DiskReplicator:
         """
         return await self.finish(await self.start(full=full))
 
-    async def start(self, *, full: bool = False) -> PendingCapture:
+    async def start(self, *, full: bool = False, hold: bool = False) -> PendingCapture:
         """Issue the checkpoint's transaction (primary stopped) and return at once: the
         jobs' copy-before-write keeps the checkpoint's blocks even once the primary runs
-        again. :meth:`finish` waits for them. Raises DiskError."""
+        again. :meth:`finish` waits for them. ``hold``: start the jobs throttled to
+        (almost) nothing until :meth:`release`, so that their copying does not compete
+        with the rest of the pause (QEMU's main loop and ours). Raises DiskError."""
         prev = None if full else self._bitmap
         self._seq += 1
         new = f"{self.tag}-b{self._seq}"
@@ -139,6 +141,8 @@ class DiskReplicator:
                             "data": {"node": d.node, "name": new, "granularity": GRANULARITY}})
             backup: dict[str, Any] = {"device": d.node, "target": self._target(i),
                                       "job-id": job, "auto-dismiss": True}
+            if hold:
+                backup["speed"] = 1  # bytes/s: at most the first chunk moves
             if prev is None:
                 backup["sync"] = "full"
             else:
@@ -155,6 +159,17 @@ class DiskReplicator:
             raise DiskError(f"disk checkpoint transaction failed: {exc}") from exc
         return PendingCapture(prev=prev, new=new, jobs=jobs, since=since, t0=t0,
                               full=full or prev is None)
+
+    async def release(self, pending: PendingCapture) -> None:
+        """Lift the throttle of :meth:`start` (``hold=True``). Raises DiskError."""
+        for job in pending.jobs:
+            try:
+                await self.qmp.execute("block-job-set-speed", {"device": job, "speed": 0})
+            except QmpCommandError as exc:
+                if exc.error_class != "DeviceNotActive":  # else: it already finished
+                    raise DiskError(f"cannot release disk backup job {job}: {exc}") from exc
+            except QmpShadowError as exc:
+                raise DiskError(f"cannot release disk backup job {job}: {exc}") from exc
 
     async def finish(self, pending: PendingCapture) -> DiskCapture:
         """Wait for the jobs of :meth:`start` and collect their writes. Raises DiskError

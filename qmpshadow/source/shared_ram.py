@@ -161,7 +161,7 @@ class SharedRamSource:
     async def _watch_resets(self, sub: EventSubscription) -> None:
         # A guest reset rebuilds small RAM blocks (ACPI tables): the next epoch takes the
         # migrate path, which carries them (the xen-save path does not).
-        with sub:
+        with sub, contextlib.suppress(QmpShadowError):  # QEMU gone: nothing more to see
             async for _ev in sub:
                 self._reset_seen = True
 
@@ -270,7 +270,7 @@ class SharedRamSource:
         try:
             await qmp.execute("xen-save-devices-state",
                               {"filename": str(dev_path), "live": False})
-            pending = await self.disks.start()
+            pending = await self.disks.start(hold=True)
             changed, pages = await asyncio.to_thread(self._scan_copy, self.page_size)
             if held is not None:
                 held.set()
@@ -279,6 +279,7 @@ class SharedRamSource:
         finally:
             await qmp.cont()
         t1 = time.monotonic()
+        await self.disks.release(pending)
         try:
             blob = dev_path.read_bytes()
         except OSError as exc:
