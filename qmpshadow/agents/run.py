@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..disk.replicator import DiskReplicator, DiskSource
-from ..disk.spec import disk_sizes
+from ..disk.spec import DiskSpec, disk_sizes
 from ..errors import ConfigError, QmpShadowError
 from ..qemu.accel import detect_accel
 from ..qemu.argv import RunPaths
@@ -166,10 +166,6 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
     copied = [d for d in spec.disks if d.mode == "copy"]
-    if copied and source == "colo":
-        raise ConfigError("disks with mode = 'copy' are replicated by the shared-ram source "
-                          "only (docs/disks.md): use --source shared-ram (memory.backend = "
-                          "'file') or mode = 'shared'")
     primary = None
     if cluster is not None:
         from ..cluster.primary import PrimaryProcess, pid_of_socket
@@ -279,7 +275,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         done.set()
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
-                                  ack_mode=ack, checkpoint_delay_ms=interval_ms)
+                                  ack_mode=ack, checkpoint_delay_ms=interval_ms,
+                                  disks=_replicator(qmp, copied, sock.parent),
+                                  disk_full=lambda: agent.need_full)
                 colo_task = task = asyncio.create_task(colo.run())
                 waiters: set[asyncio.Future[Any]] = {task,
                                                      asyncio.ensure_future(done.wait())}
@@ -301,14 +299,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 if mem.backend != "file" or mem.mem_path is None:
                     raise ConfigError("the shared-ram source needs memory.backend = 'file' "
                                       "with mem_path in the VM spec")
-                reps = None
-                if copied:
-                    sizes = disk_sizes(tuple(copied))
-                    reps = DiskReplicator(
-                        qmp, [DiskSource(d.id, n) for d, n in zip(copied, sizes, strict=True)],
-                        sock.parent, tag=f"qs{os.getpid()}")
                 src = SharedRamSource(qmp, mem_path=mem.mem_path, main_block=mem.backend_id,
-                                      sock_path=sock, size=mem.size_mib << 20, disks=reps)
+                                      sock_path=sock, size=mem.size_mib << 20,
+                                      disks=_replicator(qmp, copied, sock.parent))
                 await src.open()
                 shared.append(src)
                 try:
@@ -338,6 +331,17 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 mets.close()
     status({"event": "protect-finished", "outcome": outcome})
     return outcome
+
+
+def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path
+                ) -> DiskReplicator | None:
+    """Replication of the copy-mode disks (None without any). Raises ConfigError when an
+    image is missing."""
+    if not disks:
+        return None
+    sizes = disk_sizes(tuple(disks))
+    return DiskReplicator(qmp, [DiskSource(d.id, n) for d, n in zip(disks, sizes, strict=True)],
+                          sock_dir, tag=f"qs{os.getpid()}")
 
 
 async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,

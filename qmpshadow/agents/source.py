@@ -71,7 +71,7 @@ class Mirror:
         return CapturedEpoch(ep.number, True, ep.blocks, ep.main_block, ps, main,
                              {b: dict(p) for b, p in self.small.items()}, ep.device_state,
                              ep.device_format, ep.reported_pages, ep.pause_ms, ep.disk,
-                             ep.scanned)
+                             ep.scanned, ep.disks, ep.disk_full)
 
 
 class SourceAgent:
@@ -247,6 +247,11 @@ class SourceAgent:
             self._emit(ep, None, error=str(exc))
             return False
         if self._need_full and not ep.full:
+            if ep.disks and not ep.disk_full:
+                # the mirror widens RAM, not disks: the next epoch copies every block
+                self._emit(ep, None, error="the shadow needs a full epoch (disks too); "
+                           "not shipped")
+                return False
             if self.mirror is None:
                 # shared-RAM source: the driver takes a full checkpoint next (need_full)
                 self._emit(ep, None, error="the shadow needs a full epoch; not shipped")

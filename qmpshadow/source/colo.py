@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..disk.replicator import DiskReplicator, PendingCapture
 from ..errors import AccelError, QmpShadowError, StreamFormatError, StreamUnsupportedError
 from ..frames.wire import DeviceStateFormat
 from ..migstream import StreamParser
@@ -168,7 +169,13 @@ class ColoSource:
 
     def __init__(self, qmp: QmpControl, *, main_block: str, sock_path: str | Path,
                  sink: EpochSink, ack_mode: AckMode = "async",
-                 checkpoint_delay_ms: int = 200) -> None:
+                 checkpoint_delay_ms: int = 200, disks: DiskReplicator | None = None,
+                 disk_full: Callable[[], bool] | None = None) -> None:
+        """``disks``: capture the VM's disks at each checkpoint too, while the primary
+        waits for our answer (COLO keeps block nodes active); ``disk_full()`` says
+        whether the next capture must copy every block (the shadow needs a full epoch)."""
+        self.disks = disks
+        self.disk_full = disk_full
         if ack_mode not in ("async", "sync"):
             raise QmpShadowError(f"ack mode must be 'async' or 'sync', got {ack_mode!r}")
         self.qmp = qmp
@@ -206,6 +213,8 @@ class ColoSource:
             os.unlink(self.sock_path)
         self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
         try:
+            if self.disks is not None:
+                await self.disks.open()
             await self.qmp.migrate_set_capabilities({"x-colo": True, "events": True})
             await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay,
                                                   max_bandwidth=1 << 40)
@@ -215,8 +224,20 @@ class ColoSource:
             self._server.close()
             if self._writer is not None:  # hang up: the primary's next REQUEST fails
                 self._writer.close()
+            if self.disks is not None:
+                await self.disks.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.sock_path)
+
+    async def _take_disk(self, ep: CapturedEpoch, pending: PendingCapture, *,
+                         release: bool) -> None:
+        assert self.disks is not None
+        if release:
+            await self.disks.release(pending)
+        cap = await self.disks.finish(pending)
+        ep.disk = cap.blocks
+        ep.disks = True
+        ep.disk_full = cap.full
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
@@ -237,12 +258,24 @@ class ColoSource:
                         continue
                     self.epochs += 1
                     answer = b"".join(encode_colo(m) for m in item.answers)
+                    ep = item.epoch
+                    pending = None
+                    if self.disks is not None:
+                        # the primary is stopped until it gets our answer: the disk's
+                        # checkpoint is now
+                        full = ep.full or (self.disk_full is not None and self.disk_full())
+                        pending = await self.disks.start(
+                            full=full, hold=self.ack_mode == "async")
                     if self.ack_mode == "async":
                         writer.write(answer)
                         await writer.drain()
-                        await self.sink(item.epoch)
+                        if pending is not None:
+                            await self._take_disk(ep, pending, release=True)
+                        await self.sink(ep)
                     else:
-                        await self.sink(item.epoch)
+                        if pending is not None:  # sync: the copy is inside the pause
+                            await self._take_disk(ep, pending, release=False)
+                        await self.sink(ep)
                         writer.write(answer)
                         await writer.drain()
                 if not chunk or cap.ended:

@@ -33,6 +33,10 @@ class CapturedEpoch:
     #: The pages were found changed by a hash scan (shared-RAM source): the encoder's
     #: unchanged filter, which only knows pages it was fed, must not drop any of them.
     scanned: bool = False
+    #: Disks are replicated (``disk`` may still be empty: nothing was written), and
+    #: whether this epoch's disk capture copied every block.
+    disks: bool = False
+    disk_full: bool = False
 
     @property
     def raw_bytes(self) -> int:

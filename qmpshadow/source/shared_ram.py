@@ -201,14 +201,15 @@ class SharedRamSource:
         await qmp.stop()
         ok = False
         disk: list[tuple[int, int, bytes]] = []
+        disk_cap: DiskCapture | None = None
         try:
             if self.disks is not None:
                 # before the migrate: it inactivates the block nodes, after which no
                 # backup can start, and a running job makes it fail (docs/disks.md)
                 self._reset_seen = False
                 self._force_full = True  # until this epoch is captured
-                self._last_disk = await self.disks.capture(full=full)
-                disk = self._last_disk.blocks
+                self._last_disk = disk_cap = await self.disks.capture(full=full)
+                disk = disk_cap.blocks
             while not self._streams.empty():  # a stale stream of a failed earlier attempt
                 self._streams.get_nowait()
             await qmp.migrate(f"unix:{self.sock_path}")
@@ -242,7 +243,9 @@ class SharedRamSource:
                            main_block=self.main_block, page_size=ps, main=pages, small=small,
                            device_state=got,
                            device_format=DeviceStateFormat.IGNORE_SHARED_STREAM,
-                           reported_pages=len(changed), disk=disk)
+                           reported_pages=len(changed), disk=disk,
+                           disks=self.disks is not None,
+                           disk_full=bool(disk_cap and disk_cap.full))
         if resume:
             ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         else:
@@ -298,7 +301,7 @@ class SharedRamSource:
                            small={}, device_state=blob[8:],
                            device_format=DeviceStateFormat.QEMU_SECTIONS,
                            reported_pages=len(changed), disk=self._last_disk.blocks,
-                           scanned=True)
+                           scanned=True, disks=True, disk_full=False)
         ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         return ep
 
