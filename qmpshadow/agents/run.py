@@ -276,7 +276,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
                                   ack_mode=ack, checkpoint_delay_ms=interval_ms,
-                                  disks=_replicator(qmp, copied, sock.parent),
+                                  disks=_replicator(qmp, copied, sock.parent, status),
                                   disk_full=lambda: agent.need_full)
                 colo_task = task = asyncio.create_task(colo.run())
                 waiters: set[asyncio.Future[Any]] = {task,
@@ -301,7 +301,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                                       "with mem_path in the VM spec")
                 src = SharedRamSource(qmp, mem_path=mem.mem_path, main_block=mem.backend_id,
                                       sock_path=sock, size=mem.size_mib << 20,
-                                      disks=_replicator(qmp, copied, sock.parent))
+                                      disks=_replicator(qmp, copied, sock.parent, status))
                 await src.open()
                 shared.append(src)
                 try:
@@ -333,15 +333,15 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     return outcome
 
 
-def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path
-                ) -> DiskReplicator | None:
-    """Replication of the copy-mode disks (None without any). Raises ConfigError when an
-    image is missing."""
+def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path,
+                status: StatusFn) -> DiskReplicator | None:
+    """Replication of the copy-mode disks (None without any); full-copy progress goes to
+    ``status`` as ``disk-sync`` events. Raises ConfigError when an image is missing."""
     if not disks:
         return None
     sizes = disk_sizes(tuple(disks))
     return DiskReplicator(qmp, [DiskSource(d.id, n) for d, n in zip(disks, sizes, strict=True)],
-                          sock_dir, tag=f"qs{os.getpid()}")
+                          sock_dir, tag=f"qs{os.getpid()}", on_progress=status)
 
 
 async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,11 @@ class DiskReplicator:
     """Captures the primary's disks at each checkpoint (call :meth:`capture` stopped)."""
 
     def __init__(self, qmp: QmpControl, disks: list[DiskSource], sock_dir: str | Path,
-                 *, tag: str = "qs", job_timeout: float = 60.0) -> None:
+                 *, tag: str = "qs", job_timeout: float = 60.0,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``on_progress`` gets ``disk-sync`` status documents while a full copy runs
+        (every ~0.25 s, from ``query-jobs``) and when it completes."""
+        self.on_progress = on_progress
         self.qmp = qmp
         self.disks = disks
         self.sock_dir = Path(sock_dir)
@@ -186,6 +191,11 @@ class DiskReplicator:
             await self._drop_stale_bitmaps(keep=pending.new)
         self._bitmap = pending.new
         blocks = [(i, off, data) for i, t in enumerate(self.targets) for off, data in t.take()]
+        if pending.full and self.on_progress is not None:
+            for d in self.disks:
+                self.on_progress({"event": "disk-sync", "disk": d.node, "done": d.size,
+                                  "total": d.size, "complete": True,
+                                  "job_ms": round(job_ms, 1)})
         return DiskCapture(full=pending.full, blocks=blocks, job_ms=job_ms)
 
     async def _wait_jobs(self, jobs: dict[str, int], since: int) -> None:
@@ -198,7 +208,7 @@ class DiskReplicator:
                                 f"{self.job_timeout} s")
             try:
                 ev = await self.qmp.wait_event(
-                    None, timeout=min(left, 0.5), since=since,
+                    None, timeout=min(left, 0.25), since=since,
                     predicate=lambda e: e.name in ("BLOCK_JOB_COMPLETED",
                                                    "BLOCK_JOB_CANCELLED")
                     and e.data.get("device") in pending)
@@ -218,8 +228,13 @@ class DiskReplicator:
         with contextlib.suppress(QmpShadowError):
             for j in await self.qmp.execute("query-jobs"):
                 if j.get("id") in jobs:
-                    self.progress[jobs[j["id"]]] = (int(j.get("current-progress", 0)),
-                                                    int(j.get("total-progress", 0)))
+                    i = jobs[j["id"]]
+                    done, total = (int(j.get("current-progress", 0)),
+                                   int(j.get("total-progress", 0)))
+                    self.progress[i] = (done, total)
+                    if self.on_progress is not None:
+                        self.on_progress({"event": "disk-sync", "disk": self.disks[i].node,
+                                          "done": done, "total": total, "complete": False})
 
     async def _drop_bitmap(self, name: str) -> None:
         for d in self.disks:

@@ -1,7 +1,8 @@
 """Disks through the real CLI (``protect``/``shadow`` with ``[[disks]]``), real mosquitto:
 kill -9 of the primary at a random point, the shadow promotes itself.
 
-- ``mode = "copy"``: the promoted guest's memory and disk self-checks stay clean.
+- ``mode = "copy"``: the initial full sync is reported (``disk-sync``); the promoted
+  guest's memory and disk self-checks stay clean.
 - ``mode = "shared"``: nothing is copied and the promotion works, but the promoted guest
   sees disk writes the primary made after the committed checkpoint (its disk self-check
   reports them): the documented limit of that mode (docs/disks.md).
@@ -96,6 +97,8 @@ async def test_cli_kill_primary_with_disk(launch_vm: LaunchVm, short_tmp: Path,
         assert all(x.mism == 0 and x.derr == 0 for x in lines), lines[:3]
         if mode == "copy":
             assert all(x.dmism == 0 for x in lines), [x for x in lines if x.dmism][:3]
+            sync = [e for e in source.events() if e.get("event") == "disk-sync"]
+            assert sync and sync[0]["complete"] and sync[0]["total"] == DISK, sync[:2]
         else:
             # writes from the future: slots the primary rewrote after the checkpoint
             assert (lines[-1].dmism or 0) > 0, lines[-1]
