@@ -183,7 +183,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     pages = (mem.size_mib << 20) // 4096
     agent = SourceAgent(connect=connector(to, sec), page_size=4096, main_pages=pages,
                         generation=generation, keep_mirror=source == "colo",
-                        wait_ack=ack == "sync", name=spec.name, on_status=status)
+                        wait_ack=ack == "sync", name=spec.name, on_status=status,
+                        disks=bool(copied))
     status({"event": "protect", "vm": spec.name, "source": source, "ack": ack,
             "interval_ms": interval_ms, "to": str(to), "generation": generation})
     ckpt_lock = asyncio.Lock()

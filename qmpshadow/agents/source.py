@@ -87,7 +87,7 @@ class SourceAgent:
                  generation: int = 1, keep_mirror: bool = False, wait_ack: bool = False,
                  ack_timeout: float = 5.0, cache_bytes: int | None = None,
                  compress_level: int | None = None, name: str = "",
-                 on_status: StatusFn | None = None) -> None:
+                 on_status: StatusFn | None = None, disks: bool = False) -> None:
         self.connect = connect
         self.generation = generation
         # A cache as large as the RAM makes every re-dirtied page a DELTA candidate; a
@@ -97,6 +97,8 @@ class SourceAgent:
                                     cache_bytes=cache_bytes or main_pages * page_size,
                                     compress_level=compress_level)
         self.mirror = Mirror() if keep_mirror else None
+        #: HELLO says Feature.DISK: epochs carry DISK_BLOCK frames (docs/disks.md)
+        self.disks = disks
         self.wait_ack = wait_ack
         self.ack_timeout = ack_timeout
         self.name = name
@@ -178,7 +180,8 @@ class SourceAgent:
         await link.send_frame(Hello(generation=self.generation, epoch=self.stats.committed,
                                     session_id=self._session, role=Role.SOURCE,
                                     page_size=self.page_size,
-                                    features=Feature.DELTA, max_payload=link.options.max_payload,
+                                    features=Feature.DELTA | (Feature.DISK if self.disks else 0),
+                                    max_payload=link.options.max_payload,
                                     name=self.name))
         self.link = link
         self._need_full = True  # a new link: the shadow may hold anything

@@ -597,7 +597,7 @@ def _parse_hello(h: _Header, r: _Reader) -> Frame:
     role_v = Role(_enum(r, Role, role, "HELLO role"))
     if page_size < PAGE_SIZE_MIN or page_size > PAGE_SIZE_MAX or page_size & (page_size - 1):
         raise r.fail(f"HELLO page size {page_size} is not a power of two in range")
-    if features & ~int(Feature.ZSTD | Feature.DELTA):
+    if features & ~int(Feature.ZSTD | Feature.DELTA | Feature.DISK):
         raise r.fail(f"HELLO advertises unknown features {features:#x}")
     name = r.text(name_len, "HELLO name")
     r.finish()
@@ -648,30 +648,23 @@ def _parse_pages(h: _Header, r: _Reader) -> Frame:
     )
 
 
-def _parse_small(h: _Header, r: _Reader) -> Frame:
-    block, res, offset = r.unpack(_SMALL)
+def _block_bytes(r: _Reader) -> tuple[int, int, bytes]:
+    """(index, offset, data) of a SMALL_BLOCK or DISK_BLOCK payload (same layout)."""
+    index, res, offset = r.unpack(_SMALL)
     r.reserved(res)
-    return SmallBlock(
-        generation=h.generation,
-        epoch=h.epoch,
-        wire_checksum=h.header_checksum,
-        block=block,
-        offset=offset,
-        data=r.rest(),
-    )
+    return index, offset, r.rest()
+
+
+def _parse_small(h: _Header, r: _Reader) -> Frame:
+    block, offset, data = _block_bytes(r)
+    return SmallBlock(generation=h.generation, epoch=h.epoch, wire_checksum=h.header_checksum,
+                      block=block, offset=offset, data=data)
 
 
 def _parse_disk(h: _Header, r: _Reader) -> Frame:
-    disk, res, offset = r.unpack(_SMALL)
-    r.reserved(res)
-    return DiskBlock(
-        generation=h.generation,
-        epoch=h.epoch,
-        wire_checksum=h.header_checksum,
-        disk=disk,
-        offset=offset,
-        data=r.rest(),
-    )
+    disk, offset, data = _block_bytes(r)
+    return DiskBlock(generation=h.generation, epoch=h.epoch, wire_checksum=h.header_checksum,
+                     disk=disk, offset=offset, data=data)
 
 
 def _parse_devstate(h: _Header, r: _Reader) -> Frame:

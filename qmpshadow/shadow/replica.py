@@ -469,6 +469,11 @@ class Replica:
         return self._state.page_size
 
     @property
+    def disk_count(self) -> int:
+        """How many disk images DISK_BLOCK frames may write (``disks`` of :meth:`open`)."""
+        return len(self._disks)
+
+    @property
     def blocks(self) -> tuple[RamBlock, ...]:
         """The block table (empty before the first :meth:`reset`)."""
         return self._state.blocks

@@ -57,7 +57,8 @@ async def test_shadow_disk_equals_primary_at_each_commit(
     shadow = ShadowAgent(listener=listener, replica=replica, machine_type="pc-i440fx-7.2")
     serve = asyncio.create_task(shadow.serve())
     agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
-                        page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True)
+                        page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True,
+                        disks=True)
     disks = DiskReplicator(vm.qmp, [DiskSource("d0", DISK)], short_tmp)
     src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
                           sock_path=short_tmp / "d.sock", disks=disks)
@@ -113,3 +114,31 @@ def test_missing_shadow_disk_and_bad_spec_are_refused(short_tmp: Path) -> None:
         disks_from_list([{"id": "d0", "path": "a", "shadow_path": "b", "sise": 1}], None)
     with pytest.raises(ConfigError, match="primary's image"):
         DiskSpec(id="d0", path=short_tmp / "x.raw", shadow_path=short_tmp / "x.raw")
+
+
+async def test_shadow_without_disks_refuses_a_disk_replicating_source(short_tmp: Path) -> None:
+    """HELLO carries Feature.DISK: a shadow without [[disks]] ends the link at once (an
+    older shadow refuses the unknown feature bit the same way) instead of resyncing
+    forever on DISK_BLOCK frames it cannot apply."""
+    replica = Replica.open(short_tmp / "replica", durable=False)
+    listener = await local.listen(short_tmp / "link.sock")
+    events: list[dict[str, object]] = []
+    shadow = ShadowAgent(listener=listener, replica=replica, machine_type="pc-i440fx-7.2",
+                         on_status=events.append)
+    serve = asyncio.create_task(shadow.serve())
+    agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
+                        page_size=PS, main_pages=16, disks=True)
+    try:
+        await agent.prepare()
+        for _ in range(200):
+            if any(e.get("event") == "source-lost" for e in events):
+                break
+            await asyncio.sleep(0.01)
+        lost = [e for e in events if e.get("event") == "source-lost"]
+        assert lost and "this shadow has none" in str(lost[0]["reason"]), events
+    finally:
+        await agent.close()
+        serve.cancel()
+        await shadow.stop()
+        await listener.close()
+        replica.close()

@@ -82,7 +82,8 @@ async def test_kill_at_random_point_disk_and_ram_consistent(
                          machine_type=standby.machine_type)
     serve = asyncio.create_task(shadow.serve())
     agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
-                        page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True)
+                        page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True,
+                        disks=True)
     src = SharedRamSource(vm.qmp, mem_path=spec.memory.mem_path or Path(), main_block="mem",
                           sock_path=short_tmp / "d.sock",
                           disks=DiskReplicator(vm.qmp, [DiskSource("disk0", DISK)], short_tmp))
@@ -134,12 +135,16 @@ async def test_kill_at_random_point_disk_and_ram_consistent(
         await src.close()
         serve.cancel()
         await listener.close()
-        promoted = standby.state is StandbyState.PROMOTED
-        proc = standby.process if promoted else None
-        await standby.close()
-        if proc is not None:
-            await proc.stop(timeout=5)
+        await _stop_all(standby)
         replica.close()
+
+
+async def _stop_all(standby: Standby) -> None:
+    """The promoted QEMU outlives the standby object by design: stop it here."""
+    proc = standby.process if standby.state is StandbyState.PROMOTED else None
+    await standby.close()
+    if proc is not None:
+        await proc.stop(timeout=5)
 
 
 async def _promote_and_check(standby: Standby, replica: Replica, spec: VmSpec,
@@ -186,7 +191,7 @@ async def test_colo_kill_disk_and_ram_consistent(
     serve = asyncio.create_task(shadow.serve())
     agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
                         page_size=PS, main_pages=(MIB << 20) // PS, keep_mirror=True,
-                        wait_ack=ack_mode == "sync")
+                        wait_ack=ack_mode == "sync", disks=True)
     copies: dict[int, Path] = {}
     counters: dict[int, int] = {}
     enough = asyncio.Event()
@@ -226,9 +231,5 @@ async def test_colo_kill_disk_and_ram_consistent(
         await agent.close()
         serve.cancel()
         await listener.close()
-        promoted = standby.state is StandbyState.PROMOTED
-        proc = standby.process if promoted else None
-        await standby.close()
-        if proc is not None:
-            await proc.stop(timeout=5)
+        await _stop_all(standby)
         replica.close()
