@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..disk.replicator import DiskReplicator, DiskSource
 from ..disk.spec import DiskSpec, disk_sizes
-from ..errors import ConfigError, QmpShadowError
+from ..errors import ConfigError, DiskError, QmpShadowError
 from ..qemu.accel import detect_accel
 from ..qemu.argv import RunPaths
 from ..qemu.spec import VmSpec
@@ -377,11 +377,19 @@ async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
                         return
             try:
                 ep = await ck
-            except QmpShadowError:
+            except QmpShadowError as exc:
                 if cl is not None and (not cl.primary.alive or await cl.primary.wait(0.5)):
                     await asyncio.wait({cl.done}, timeout=2.0)
                     return
-                raise
+                if not isinstance(exc, DiskError):
+                    raise
+                # the epoch is lost; the source takes a full one next (RAM and disks)
+                log.warning("disk capture failed, next epoch full: %s", exc)
+                if agent.on_status is not None:
+                    agent.on_status({"event": "disk-error", "error": str(exc),
+                                     "time": time.time()})
+                await asyncio.sleep(interval_ms / 1000)
+                continue
         await agent.ship(ep)
         if cl is not None:
             cl.note_epoch(ep.number, agent.stats.committed)

@@ -71,7 +71,7 @@ class Mirror:
         return CapturedEpoch(ep.number, True, ep.blocks, ep.main_block, ps, main,
                              {b: dict(p) for b, p in self.small.items()}, ep.device_state,
                              ep.device_format, ep.reported_pages, ep.pause_ms, ep.disk,
-                             ep.scanned, ep.disks, ep.disk_full)
+                             ep.scanned, ep.disks, ep.disk_full, ep.disk_failed)
 
 
 class SourceAgent:
@@ -243,6 +243,11 @@ class SourceAgent:
             self.stats.pauses_ms.append(ep.pause_ms)
         if self.mirror is not None:
             self.mirror.update(ep)
+        if ep.disk_failed:
+            self._need_full = True
+            self._emit(ep, None, error="disk capture failed: not shipped, the next epoch is "
+                       "full")
+            return False
         try:
             link = await self._ensure_link()
         except QmpShadowError as exc:

@@ -182,6 +182,8 @@ class DiskReplicator:
         try:
             await self._wait_jobs(pending.jobs, pending.since)
         except BaseException:
+            # a job left running would write its (older) blocks into a later epoch
+            await self._cancel_jobs(pending.jobs)
             await self._drop_bitmap(pending.new)
             raise
         job_ms = self.last_job_ms = (time.monotonic() - pending.t0) * 1000
@@ -223,6 +225,26 @@ class DiskReplicator:
                 extra = self.targets[i].error or ""
                 raise DiskError(f"disk backup of {self.disks[i].node!r} failed: "
                                 f"{err or 'cancelled'} {extra}".strip())
+
+    async def _cancel_jobs(self, jobs: dict[str, int]) -> None:
+        """Cancel (force) whichever of ``jobs`` still runs and wait (≤ 5 s) until none
+        does; then drop what they wrote into the targets."""
+        since = self.qmp.last_event_seq
+        with contextlib.suppress(QmpShadowError):
+            running = {j["id"] for j in await self.qmp.execute("query-jobs")
+                       if j.get("id") in jobs and j.get("status") not in ("concluded", "null")}
+            for job in running:
+                await self._quiet("block-job-cancel", {"device": job, "force": True})
+            deadline = time.monotonic() + 5.0
+            while running and time.monotonic() < deadline:
+                ev = await self.qmp.wait_event(
+                    None, timeout=max(0.01, deadline - time.monotonic()), since=since,
+                    predicate=lambda e: e.name in ("BLOCK_JOB_COMPLETED",
+                                                   "BLOCK_JOB_CANCELLED")
+                    and e.data.get("device") in running)
+                running.discard(str(ev.data.get("device")))
+        for t in self.targets:
+            t.take()
 
     async def _poll_progress(self, jobs: dict[str, int]) -> None:
         with contextlib.suppress(QmpShadowError):

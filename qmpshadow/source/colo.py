@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..disk.replicator import DiskReplicator, PendingCapture
-from ..errors import AccelError, QmpShadowError, StreamFormatError, StreamUnsupportedError
+from ..errors import (
+    AccelError,
+    DiskError,
+    QmpShadowError,
+    StreamFormatError,
+    StreamUnsupportedError,
+)
 from ..frames.wire import DeviceStateFormat
 from ..migstream import StreamParser
 from ..migstream.colo import encode_colo
@@ -40,6 +47,7 @@ from ..qmp.control import QmpControl
 from .epoch import CapturedEpoch, block_table
 
 AckMode = str  # "async" | "sync"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -229,14 +237,23 @@ class ColoSource:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.sock_path)
 
-    async def _take_disk(self, ep: CapturedEpoch, pending: PendingCapture, *,
+    async def _take_disk(self, ep: CapturedEpoch, pending: PendingCapture | None, *,
                          release: bool) -> None:
+        """The epoch's disk blocks. A failure does not end the COLO session (the primary
+        must get its answer): the epoch is marked and the agent does not ship it."""
         assert self.disks is not None
-        if release:
-            await self.disks.release(pending)
-        cap = await self.disks.finish(pending)
-        ep.disk = cap.blocks
         ep.disks = True
+        try:
+            if pending is None:
+                raise DiskError("the disk transaction failed")
+            if release:
+                await self.disks.release(pending)
+            cap = await self.disks.finish(pending)
+        except DiskError as exc:
+            log.warning("epoch %d: disk capture failed, not shipped: %s", ep.number, exc)
+            ep.disk_failed = True
+            return
+        ep.disk = cap.blocks
         ep.disk_full = cap.full
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -264,16 +281,17 @@ class ColoSource:
                         # the primary is stopped until it gets our answer: the disk's
                         # checkpoint is now
                         full = ep.full or (self.disk_full is not None and self.disk_full())
-                        pending = await self.disks.start(
-                            full=full, hold=self.ack_mode == "async")
+                        with contextlib.suppress(DiskError):  # _take_disk marks the epoch
+                            pending = await self.disks.start(
+                                full=full, hold=self.ack_mode == "async")
                     if self.ack_mode == "async":
                         writer.write(answer)
                         await writer.drain()
-                        if pending is not None:
+                        if self.disks is not None:
                             await self._take_disk(ep, pending, release=True)
                         await self.sink(ep)
                     else:
-                        if pending is not None:  # sync: the copy is inside the pause
+                        if self.disks is not None:  # sync: the copy is inside the pause
                             await self._take_disk(ep, pending, release=False)
                         await self.sink(ep)
                         writer.write(answer)

@@ -37,6 +37,8 @@ class CapturedEpoch:
     #: whether this epoch's disk capture copied every block.
     disks: bool = False
     disk_full: bool = False
+    #: The disk capture of this checkpoint failed: never ship it (the next epoch is full).
+    disk_failed: bool = False
 
     @property
     def raw_bytes(self) -> int:

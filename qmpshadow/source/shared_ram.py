@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..disk.replicator import DiskCapture, DiskReplicator
-from ..errors import ConfigError, QmpShadowError, StreamFormatError
+from ..errors import ConfigError, QmpCommandError, QmpShadowError, StreamFormatError
 from ..frames.pagehash import UnchangedFilter
 from ..frames.wire import DeviceStateFormat, RamBlock
 from ..migstream import StreamParser
@@ -81,6 +81,7 @@ class SharedRamSource:
         self._reset_seen = False
         self._reset_task: asyncio.Task[None] | None = None
         self._last_disk: DiskCapture | None = None
+        self._xen = True  # False once QEMU lacks xen-save-devices-state
         self.qmp = qmp
         self.mem_path = Path(mem_path)
         self.main_block = main_block
@@ -191,7 +192,7 @@ class SharedRamSource:
         qmp = self.qmp
         full = full or self.epoch_number == 0 or self._force_full
         if (self.disks is not None and not full and resume and self._blocks is not None
-                and not self._reset_seen):
+                and not self._reset_seen and self._xen):
             return await self._checkpoint_xen(held, release)
         if full:
             self._filter.reset(reseed=False)
@@ -271,8 +272,13 @@ class SharedRamSource:
         dev_path = Path(self.sock_path).with_suffix(".dev")
         await qmp.stop()
         try:
-            await qmp.execute("xen-save-devices-state",
-                              {"filename": str(dev_path), "live": False})
+            try:
+                await qmp.execute("xen-save-devices-state",
+                                  {"filename": str(dev_path), "live": False})
+            except QmpCommandError as exc:
+                if exc.error_class == "CommandNotFound":
+                    self._xen = False  # from now on the migrate path, copy in the pause
+                raise
             pending = await self.disks.start(hold=True)
             changed, pages = await asyncio.to_thread(self._scan_copy, self.page_size)
             if held is not None:
