@@ -40,6 +40,7 @@ from qmpshadow.source.colo import ColoSource
 from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
 from qmpshadow.transport import local
+from qmpshadow.transport.base import Listener
 from tests.integration.conftest import LaunchVm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -71,16 +72,7 @@ async def test_kill_at_random_point_disk_and_ram_consistent(
     spec = _spec(short_tmp, f"df{seed}")
     vm = await launch_vm(spec, accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
-    replica = Replica.open(short_tmp / "replica", durable=False,
-                           disks=[d.image("shadow") for d in spec.disks])
-    standby = Standby(spec, RunPaths.create(short_tmp / "standby"), ram_path=replica.ram_path,
-                      accel=tcg, die_with_parent=True)
-    await standby.start()
-    await standby.wait_ready(30)
-    listener = await local.listen(short_tmp / "link.sock")
-    shadow = ShadowAgent(listener=listener, replica=replica,
-                         machine_type=standby.machine_type)
-    serve = asyncio.create_task(shadow.serve())
+    replica, standby, listener, shadow, serve = await _shadow_side(spec, short_tmp, tcg)
     agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
                         page_size=PS, main_pages=(MIB << 20) // PS, wait_ack=True,
                         disks=True)
@@ -139,6 +131,21 @@ async def test_kill_at_random_point_disk_and_ram_consistent(
         replica.close()
 
 
+async def _shadow_side(spec: VmSpec, tmp: Path, accel: AccelChoice) -> tuple[
+        Replica, Standby, Listener, ShadowAgent, asyncio.Task[None]]:
+    """Replica with the shadow's disk images, warm standby, shadow agent serving."""
+    replica = Replica.open(tmp / "replica", durable=False,
+                           disks=[d.image("shadow") for d in spec.disks])
+    standby = Standby(spec, RunPaths.create(tmp / "standby"), ram_path=replica.ram_path,
+                      accel=accel, die_with_parent=True, start_timeout=30)
+    await standby.start()
+    await standby.wait_ready(60)
+    listener = await local.listen(tmp / "link.sock")
+    shadow = ShadowAgent(listener=listener, replica=replica,
+                         machine_type=standby.machine_type)
+    return replica, standby, listener, shadow, asyncio.create_task(shadow.serve())
+
+
 async def _stop_all(standby: Standby) -> None:
     """The promoted QEMU outlives the standby object by design: stop it here."""
     proc = standby.process if standby.state is StandbyState.PROMOTED else None
@@ -179,16 +186,7 @@ async def test_colo_kill_disk_and_ram_consistent(
     spec = _spec(short_tmp, f"dc{ack_mode[0]}", shared_ram=False, dslots=COLO_DSLOTS)
     vm = await launch_vm(spec, accel=kvm, start_timeout=30)
     await wait_for_counter(vm.run.serial_log, timeout=90)
-    replica = Replica.open(short_tmp / "replica", durable=False,
-                           disks=[d.image("shadow") for d in spec.disks])
-    standby = Standby(spec, RunPaths.create(short_tmp / "standby"), ram_path=replica.ram_path,
-                      accel=kvm, die_with_parent=True, start_timeout=30)
-    await standby.start()
-    await standby.wait_ready(60)
-    listener = await local.listen(short_tmp / "link.sock")
-    shadow = ShadowAgent(listener=listener, replica=replica,
-                         machine_type=standby.machine_type)
-    serve = asyncio.create_task(shadow.serve())
+    replica, standby, listener, shadow, serve = await _shadow_side(spec, short_tmp, kvm)
     agent = SourceAgent(connect=lambda: local.connect(short_tmp / "link.sock"),
                         page_size=PS, main_pages=(MIB << 20) // PS, keep_mirror=True,
                         wait_ack=ack_mode == "sync", disks=True)
