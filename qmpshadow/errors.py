@@ -119,3 +119,11 @@ class FencedFrameError(FrameError):
 
 class MigrationError(QmpShadowError):
     """A live migration failed; the source was left running."""
+
+
+class DiskError(QmpShadowError):
+    """Disk replication failed: a block job, the backup target or a disk image."""
+
+
+class NbdProtocolError(DiskError):
+    """An NBD peer broke the protocol (bad magic, a length beyond the bounds)."""

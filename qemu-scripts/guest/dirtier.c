@@ -7,6 +7,11 @@
  * mismatch otherwise; then overwrite it with the contents for (c, slot). The loop counter
  * and the mismatch count live in guest RAM (.bss), so they survive pause/resume and live
  * migration. See docs/test-guest.md.
+ *
+ * Optional disk writes (dslots=S, dchunk=K sectors): loop c also writes one chunk of K
+ * sectors to slot c mod S of the first IDE disk (ATA PIO, LBA28, from LBA 0), after
+ * reading it back and checking that it still holds what loop c - S wrote (disk
+ * mismatches are counted separately and printed as dmism= on the COUNTER line).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -60,6 +65,30 @@ static uint8_t *region;
 static uint32_t tsc_khz;
 static uint64_t delay_ticks;
 static uint64_t print_ticks;
+
+/* ---- disk (ATA PIO on the primary IDE bus) ---- */
+#define ATA_DATA 0x1F0u
+#define ATA_COUNT 0x1F2u
+#define ATA_LBA0 0x1F3u
+#define ATA_LBA1 0x1F4u
+#define ATA_LBA2 0x1F5u
+#define ATA_DRIVE 0x1F6u
+#define ATA_CMD 0x1F7u
+#define ATA_CTRL 0x3F6u
+#define ATA_BSY 0x80u
+#define ATA_DRQ 0x08u
+#define ATA_ERR 0x01u
+#define ATA_DF 0x20u
+#define DISK_MAGIC 0x4b534944u /* bytes "DISK" */
+#define MAX_DCHUNK 64u         /* sectors: 32 KiB */
+static uint32_t cfg_dslots = 0; /* 0: no disk writes */
+static uint32_t cfg_dchunk = 8;
+static uint32_t disk_ok;
+static volatile uint64_t disk_mismatches;
+static volatile uint64_t disk_errors;
+static uint32_t disk_reports;
+static uint8_t dbuf[MAX_DCHUNK * 512u] __attribute__((aligned(16)));
+static uint8_t dwant[MAX_DCHUNK * 512u] __attribute__((aligned(16)));
 
 /* ---- the state that must survive pause/resume and migration: plain guest RAM ---- */
 static volatile uint64_t loop_counter;  /* loops completed */
@@ -238,6 +267,115 @@ static void verify_page(const uint8_t *page, uint64_t expect_c, uint32_t slot)
     }
 }
 
+/* ---- disk ---- */
+static inline void insw(uint16_t port, void *dst, uint32_t words)
+{
+    __asm__ volatile("cld; rep insw" : "+D"(dst), "+c"(words) : "d"(port) : "memory");
+}
+
+static inline void outsw(uint16_t port, const void *src, uint32_t words)
+{
+    __asm__ volatile("cld; rep outsw" : "+S"(src), "+c"(words) : "d"(port) : "memory");
+}
+
+/* Waits until the drive is not busy; returns the status, 0xff on a timeout. */
+static uint8_t ata_wait(uint32_t want)
+{
+    for (uint32_t spins = 0; spins < 100000000u; spins++) {
+        uint8_t st = inb(ATA_CMD);
+        if (st & ATA_BSY)
+            continue;
+        if (st & (ATA_ERR | ATA_DF))
+            return st;
+        if ((st & want) == want)
+            return st;
+    }
+    return 0xff;
+}
+
+/* One LBA28 PIO command of `count` sectors at `lba`; returns 0 when it succeeded. */
+static int ata_rw(uint32_t lba, uint32_t count, uint8_t *buf, int write)
+{
+    if (ata_wait(0) & (ATA_ERR | ATA_DF | ATA_BSY))
+        return -1;
+    outb(ATA_DRIVE, (uint8_t)(0xE0u | ((lba >> 24) & 0x0Fu)));
+    outb(ATA_COUNT, (uint8_t)count);
+    outb(ATA_LBA0, (uint8_t)lba);
+    outb(ATA_LBA1, (uint8_t)(lba >> 8));
+    outb(ATA_LBA2, (uint8_t)(lba >> 16));
+    outb(ATA_CMD, write ? 0x30 : 0x20);
+    for (uint32_t i = 0; i < count; i++) {
+        uint8_t st = ata_wait(ATA_DRQ);
+        if (st & (ATA_ERR | ATA_DF) || st == 0xff)
+            return -1;
+        if (write)
+            outsw(ATA_DATA, buf + i * 512u, 256);
+        else
+            insw(ATA_DATA, buf + i * 512u, 256);
+    }
+    /* a write is on the disk (in QEMU's block layer) once BSY and DRQ are clear */
+    uint8_t st = ata_wait(0);
+    return (st & (ATA_ERR | ATA_DF | ATA_DRQ)) || st == 0xff ? -1 : 0;
+}
+
+static void fill_chunk(uint8_t *buf, uint64_t c, uint32_t slot)
+{
+    uint32_t *w = (uint32_t *)buf;
+    uint32_t words = cfg_dchunk * 128u;
+    w[0] = DISK_MAGIC;
+    w[1] = slot;
+    w[2] = (uint32_t)c;
+    w[3] = (uint32_t)(c >> 32);
+    uint32_t s = mix3((uint32_t)c, (uint32_t)(c >> 32), slot ^ 0x2d4b4944u) | 1u;
+    for (uint32_t i = HDR_WORDS; i < words; i++)
+        w[i] = xorshift32(&s);
+}
+
+static void disk_init(void)
+{
+    if (!cfg_dslots)
+        return;
+    outb(ATA_CTRL, 0x02); /* nIEN: we poll, no interrupts */
+    outb(ATA_DRIVE, 0xE0);
+    uint8_t st = inb(ATA_CMD);
+    if (st == 0xff || st == 0) {
+        kprintf("DIRTIER warning: no IDE disk on the primary bus (status 0x%x): disk "
+                "writes off\n", st);
+        cfg_dslots = 0;
+        return;
+    }
+    disk_ok = 1;
+}
+
+/* Loop c's disk step: verify slot c mod S holds loop c - S's chunk, then overwrite it. */
+static void disk_step(uint64_t c)
+{
+    uint32_t slot;
+    udiv64_32(c, cfg_dslots, &slot);
+    uint32_t lba = slot * cfg_dchunk;
+    uint32_t bytes = cfg_dchunk * 512u;
+    if (c >= cfg_dslots) {
+        if (ata_rw(lba, cfg_dchunk, dbuf, 0)) {
+            disk_errors = disk_errors + 1;
+        } else {
+            fill_chunk(dwant, c - cfg_dslots, slot);
+            if (memcmp(dbuf, dwant, bytes) != 0) {
+                disk_mismatches = disk_mismatches + 1;
+                if (disk_reports < MAX_MISMATCH_REPORTS) {
+                    const uint32_t *g = (const uint32_t *)dbuf;
+                    disk_reports++;
+                    kprintf("DMISMATCH slot=%u expect_counter=%llu got_magic=0x%08x "
+                            "got_slot=%u got_counter=%llu\n", slot, c - cfg_dslots, g[0],
+                            g[1], ((uint64_t)g[3] << 32) | g[2]);
+                }
+            }
+        }
+    }
+    fill_chunk(dbuf, c, slot);
+    if (ata_rw(lba, cfg_dchunk, dbuf, 1))
+        disk_errors = disk_errors + 1;
+}
+
 /* ---- command line ---- */
 static int parse_u32(const char *s, size_t len, uint32_t *out)
 {
@@ -308,6 +446,10 @@ static void parse_cmdline(const char *cl)
             set_u32(tok, klen, len, 0, 10000000, &cfg_delay_us);
         } else if (key_is(tok, klen, "print")) {
             set_u32(tok, klen, len, 0, 3600000, &cfg_print_ms);
+        } else if (key_is(tok, klen, "dslots")) {
+            set_u32(tok, klen, len, 0, 1u << 20, &cfg_dslots);
+        } else if (key_is(tok, klen, "dchunk")) {
+            set_u32(tok, klen, len, 1, MAX_DCHUNK, &cfg_dchunk);
         } else if (key_is(tok, klen, "pattern")) {
             const char *v = tok + klen + 1;
             size_t vlen = len - klen - 1;
@@ -487,11 +629,13 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
     delay_ticks = (uint64_t)cfg_delay_us * tsc_khz / 1000u;
     print_ticks = (uint64_t)cfg_print_ms * tsc_khz;
 
+    disk_init();
+
     kprintf("DIRTIER start pages=%u region=%u delay=%u pattern=%s mem=%u print=%u slots=%u "
-            "base=0x%x tsc_khz=%u\n",
+            "base=0x%x tsc_khz=%u dslots=%u dchunk=%u\n",
             cfg_pages, region_mib_eff, cfg_delay_us,
             pattern_names[cfg_pattern], (uint32_t)(mem_top >> 20), cfg_print_ms,
-            region_slots, REGION_BASE, tsc_khz);
+            region_slots, REGION_BASE, tsc_khz, cfg_dslots, cfg_dchunk);
 
     uint64_t last_print = 0;
     int printed = 0;
@@ -507,11 +651,18 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
                 verify_page(page, c - region_blocks, slot);
             fill_page(page, c, slot);
         }
+        if (disk_ok)
+            disk_step(c);
         loop_counter = c + 1;
 
         uint64_t now = rdtsc();
         if (!printed || now < last_print || now - last_print >= print_ticks) {
-            kprintf("COUNTER %llu mism=%llu\n", (uint64_t)loop_counter, (uint64_t)mismatches);
+            if (disk_ok)
+                kprintf("COUNTER %llu mism=%llu dmism=%llu derr=%llu\n", (uint64_t)loop_counter,
+                        (uint64_t)mismatches, (uint64_t)disk_mismatches, (uint64_t)disk_errors);
+            else
+                kprintf("COUNTER %llu mism=%llu\n", (uint64_t)loop_counter,
+                        (uint64_t)mismatches);
             last_print = now;
             printed = 1;
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, QmpShadowError
+from ..disk.replicator import DiskReplicator, DiskSource
+from ..disk.spec import DiskSpec, disk_sizes
+from ..errors import ConfigError, DiskError, QmpShadowError
 from ..qemu.accel import detect_accel
 from ..qemu.argv import RunPaths
 from ..qemu.spec import VmSpec
@@ -165,6 +168,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
         source = "shared-ram" if spec.memory.backend == "file" else "colo"
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
+    copied = [d for d in spec.disks if d.mode == "copy"]
     primary = None
     if cluster is not None:
         from ..cluster.primary import PrimaryProcess, pid_of_socket
@@ -182,7 +186,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     pages = (mem.size_mib << 20) // 4096
     agent = SourceAgent(connect=connector(to, sec), page_size=4096, main_pages=pages,
                         generation=generation, keep_mirror=source == "colo",
-                        wait_ack=ack == "sync", name=spec.name, on_status=status)
+                        wait_ack=ack == "sync", name=spec.name, on_status=status,
+                        disks=bool(copied))
     status({"event": "protect", "vm": spec.name, "source": source, "ack": ack,
             "interval_ms": interval_ms, "to": str(to), "generation": generation})
     ckpt_lock = asyncio.Lock()
@@ -308,7 +313,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         done.set()
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
-                                  ack_mode=ack, checkpoint_delay_ms=interval_ms)
+                                  ack_mode=ack, checkpoint_delay_ms=interval_ms,
+                                  disks=_replicator(qmp, copied, sock.parent, status),
+                                  disk_full=lambda: agent.need_full)
                 coloed.append(colo)
                 colo_task = task = asyncio.create_task(colo.run())
                 waiters: set[asyncio.Future[Any]] = {task,
@@ -339,7 +346,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     raise ConfigError("the shared-ram source needs memory.backend = 'file' "
                                       "with mem_path in the VM spec")
                 src = SharedRamSource(qmp, mem_path=mem.mem_path, main_block=mem.backend_id,
-                                      sock_path=sock, size=mem.size_mib << 20)
+                                      sock_path=sock, size=mem.size_mib << 20,
+                                      disks=_replicator(qmp, copied, sock.parent, status))
                 await src.open()
                 shared.append(src)
                 try:
@@ -369,6 +377,17 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 mets.close()
     status({"event": "protect-finished", "outcome": outcome})
     return outcome
+
+
+def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path,
+                status: StatusFn) -> DiskReplicator | None:
+    """Replication of the copy-mode disks (None without any); full-copy progress goes to
+    ``status`` as ``disk-sync`` events. Raises ConfigError when an image is missing."""
+    if not disks:
+        return None
+    sizes = disk_sizes(tuple(disks))
+    return DiskReplicator(qmp, [DiskSource(d.id, n) for d, n in zip(disks, sizes, strict=True)],
+                          sock_dir, tag=f"qs{os.getpid()}", on_progress=status)
 
 
 async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
@@ -403,11 +422,19 @@ async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
                         return
             try:
                 ep = await ck
-            except QmpShadowError:
+            except QmpShadowError as exc:
                 if cl is not None and (not cl.primary.alive or await cl.primary.wait(0.5)):
                     await asyncio.wait({cl.done}, timeout=2.0)
                     return
-                raise
+                if not isinstance(exc, DiskError):
+                    raise
+                # the epoch is lost; the source takes a full one next (RAM and disks)
+                log.warning("disk capture failed, next epoch full: %s", exc)
+                if agent.on_status is not None:
+                    agent.on_status({"event": "disk-error", "error": str(exc),
+                                     "time": time.time()})
+                await asyncio.sleep(interval_ms / 1000)
+                continue
         await agent.ship(ep)
         if cl is not None:
             cl.note_epoch(ep.number, agent.stats.committed)
@@ -438,7 +465,8 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
 
         mets = AgentMetrics("shadow", spec.name, cluster=cluster is not None)
         status = mets.wrap(status)
-    replica = Replica.open(replica_dir, durable=True)
+    replica = Replica.open(replica_dir, durable=True,
+                           disks=[d.image("shadow") for d in spec.disks if d.mode == "copy"])
     standby = Standby(spec, RunPaths.create(replica_dir / "standby"),
                       ram_path=replica.ram_path, accel=choice)
     lst: Listener | None = None

@@ -152,7 +152,8 @@ class ShadowAgent:
                 await link.send_frame(Hello(
                     generation=replica.generation, epoch=replica.committed_epoch,
                     session_id=self._session or b"\0" * 16, role=Role.SHADOW,
-                    page_size=replica.page_size or 4096, features=Feature.DELTA,
+                    page_size=replica.page_size or 4096,
+                    features=Feature.DELTA | (Feature.DISK if replica.disk_count else 0),
                     max_payload=link.options.max_payload, name=self.name))
                 async for frame in link:
                     self.last_frame_at = time.monotonic()
@@ -167,6 +168,10 @@ class ShadowAgent:
                         if frame.role != Role.SOURCE:
                             raise FrameError(f"peer says it is {frame.role.name}, expected "
                                              "SOURCE")
+                        if frame.features & Feature.DISK and not replica.disk_count:
+                            raise FrameError(
+                                "the source replicates disks, this shadow has none: give "
+                                "the shadow the primary's [[disks]] (docs/disks.md)")
                         new_session = frame.session_id != self._session
                         self._session = frame.session_id
                         self._emit(event="source-connected", peer=str(link.peer),

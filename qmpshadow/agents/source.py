@@ -70,7 +70,8 @@ class Mirror:
         main = {i: bytes(mv[i * ps : (i + 1) * ps]) for i in range(len(self.main) // ps)}
         return CapturedEpoch(ep.number, True, ep.blocks, ep.main_block, ps, main,
                              {b: dict(p) for b, p in self.small.items()}, ep.device_state,
-                             ep.device_format, ep.reported_pages, ep.pause_ms)
+                             ep.device_format, ep.reported_pages, ep.pause_ms, ep.disk,
+                             ep.scanned, ep.disks, ep.disk_full, ep.disk_failed)
 
 
 class SourceAgent:
@@ -86,7 +87,7 @@ class SourceAgent:
                  generation: int = 1, keep_mirror: bool = False, wait_ack: bool = False,
                  ack_timeout: float = 5.0, cache_bytes: int | None = None,
                  compress_level: int | None = None, name: str = "",
-                 on_status: StatusFn | None = None) -> None:
+                 on_status: StatusFn | None = None, disks: bool = False) -> None:
         self.connect = connect
         self.generation = generation
         # A cache as large as the RAM makes every re-dirtied page a DELTA candidate; a
@@ -96,6 +97,8 @@ class SourceAgent:
                                     cache_bytes=cache_bytes or main_pages * page_size,
                                     compress_level=compress_level)
         self.mirror = Mirror() if keep_mirror else None
+        #: HELLO says Feature.DISK: epochs carry DISK_BLOCK frames (docs/disks.md)
+        self.disks = disks
         self.wait_ack = wait_ack
         self.ack_timeout = ack_timeout
         self.name = name
@@ -177,7 +180,8 @@ class SourceAgent:
         await link.send_frame(Hello(generation=self.generation, epoch=self.stats.committed,
                                     session_id=self._session, role=Role.SOURCE,
                                     page_size=self.page_size,
-                                    features=Feature.DELTA, max_payload=link.options.max_payload,
+                                    features=Feature.DELTA | (Feature.DISK if self.disks else 0),
+                                    max_payload=link.options.max_payload,
                                     name=self.name))
         self.link = link
         self._need_full = True  # a new link: the shadow may hold anything
@@ -239,6 +243,11 @@ class SourceAgent:
             self.stats.pauses_ms.append(ep.pause_ms)
         if self.mirror is not None:
             self.mirror.update(ep)
+        if ep.disk_failed:
+            self._need_full = True
+            self._emit(ep, None, error="disk capture failed: not shipped, the next epoch is "
+                       "full")
+            return False
         try:
             link = await self._ensure_link()
         except QmpShadowError as exc:
@@ -246,6 +255,11 @@ class SourceAgent:
             self._emit(ep, None, error=str(exc))
             return False
         if self._need_full and not ep.full:
+            if ep.disks and not ep.disk_full:
+                # the mirror widens RAM, not disks: the next epoch copies every block
+                self._emit(ep, None, error="the shadow needs a full epoch (disks too); "
+                           "not shipped")
+                return False
             if self.mirror is None:
                 # shared-RAM source: the driver takes a full checkpoint next (need_full)
                 self._emit(ep, None, error="the shadow needs a full epoch; not shipped")

@@ -1,12 +1,13 @@
 """One epoch on the wire: the sender's :class:`EpochWriter`, the receiver's
 :class:`EpochAssembler` (sans-I/O).
 
-An epoch is EPOCH_BEGIN, then PAGES / SMALL_BLOCK / DEVICE_STATE frames, then EPOCH_END with
-the counts and a digest: ``d0 = 0``, ``d(i+1) = xxh3_64(le64(d(i)) + le64(wire_checksum(i)))``
-over the header checksums of every frame from EPOCH_BEGIN to the last one before EPOCH_END.
-A header checksum covers type, flags, generation, epoch, length and payload checksum, so equal
-digests mean the receiver saw exactly the frames that were sent, in order. Heartbeats may be
-interleaved and are not part of it.
+An epoch is EPOCH_BEGIN, then PAGES / SMALL_BLOCK / DISK_BLOCK / DEVICE_STATE frames, then
+EPOCH_END with the counts and a digest: ``d0 = 0``,
+``d(i+1) = xxh3_64(le64(d(i)) + le64(wire_checksum(i)))`` over the header checksums of
+every frame from EPOCH_BEGIN to the last one before EPOCH_END. A header checksum covers
+type, flags, generation, epoch, length and payload checksum, so equal digests mean the
+receiver saw exactly the frames that were sent, in order. Heartbeats may be interleaved and
+are not part of it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qmpshadow.frames.wire import (
     Buffer,
     DeviceState,
     DeviceStateFormat,
+    DiskBlock,
     EpochBegin,
     EpochEnd,
     Frame,
@@ -141,6 +143,19 @@ class EpochWriter:
             SmallBlock(
                 generation=self.generation, epoch=self.epoch, block=block, offset=offset, data=data
             ),
+            True,
+        )
+        self.blob_bytes += len(data)
+        return parts
+
+    def disk_block(self, disk: int, offset: int, data: Buffer) -> list[Buffer]:
+        """Bytes of disk ``disk`` at byte ``offset`` (bounded by the receiver's disk size)."""
+        self._need("open", "disk_block()")
+        if disk < 0 or offset < 0:
+            raise ConfigError(f"disk {disk} offset {offset}: expected non-negative values")
+        parts = self._emit(
+            DiskBlock(generation=self.generation, epoch=self.epoch, disk=disk, offset=offset,
+                      data=data),
             True,
         )
         self.blob_bytes += len(data)
@@ -289,6 +304,13 @@ class EpochAssembler:
         self._count(frame)
         self._blob_bytes += len(frame.data)
 
+    def _on_disk(self, frame: Frame) -> None:
+        # bounds against the disk's size are the replica's (it holds the disk files)
+        frame = cast(DiskBlock, frame)
+        self._in_epoch(frame)
+        self._count(frame)
+        self._blob_bytes += len(frame.data)
+
     def _on_device(self, frame: Frame) -> None:
         frame = cast(DeviceState, frame)
         self._in_epoch(frame)
@@ -328,5 +350,6 @@ _TRANSITIONS: Final[
     (_State.OPEN, FrameType.PAGES): EpochAssembler._on_pages,
     (_State.OPEN, FrameType.SMALL_BLOCK): EpochAssembler._on_small,
     (_State.OPEN, FrameType.DEVICE_STATE): EpochAssembler._on_device,
+    (_State.OPEN, FrameType.DISK_BLOCK): EpochAssembler._on_disk,
     (_State.OPEN, FrameType.EPOCH_END): EpochAssembler._on_end,
 }

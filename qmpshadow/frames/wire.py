@@ -62,6 +62,7 @@ __all__ = [
     "DecoderState",
     "DeviceState",
     "DeviceStateFormat",
+    "DiskBlock",
     "EpochBegin",
     "EpochEnd",
     "Feature",
@@ -111,6 +112,9 @@ class FrameType(enum.IntEnum):
     ACK = 7
     RESYNC_REQUEST = 8
     HEARTBEAT = 9
+    #: Bytes of one of the VM's disks at a byte offset, captured at the epoch's checkpoint
+    #: (added with Feature.DISK; a receiver without disks refuses it).
+    DISK_BLOCK = 10
 
 
 class FrameFlags(enum.IntFlag):
@@ -123,7 +127,8 @@ class FrameFlags(enum.IntFlag):
 
 
 _KNOWN_FLAGS: Final = int(FrameFlags.ZSTD)
-_COMPRESSIBLE: Final = frozenset({FrameType.PAGES, FrameType.SMALL_BLOCK, FrameType.DEVICE_STATE})
+_COMPRESSIBLE: Final = frozenset({FrameType.PAGES, FrameType.SMALL_BLOCK, FrameType.DEVICE_STATE,
+                                  FrameType.DISK_BLOCK})
 
 
 class Role(enum.IntEnum):
@@ -139,6 +144,8 @@ class Feature(enum.IntFlag):
     NONE = 0
     ZSTD = 0x1
     DELTA = 0x2
+    #: The sender may send DISK_BLOCK frames (disk replication, docs/disks.md).
+    DISK = 0x4
 
 
 class BlockFlags(enum.IntFlag):
@@ -246,6 +253,19 @@ class SmallBlock(Frame):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiskBlock(Frame):
+    """Bytes of disk number ``disk`` (the VM spec's ``[[disks]]`` order) at byte ``offset``,
+    as they were at the epoch's checkpoint. The receiver bounds ``offset + len(data)`` by
+    its own copy of that disk's size."""
+
+    TYPE: ClassVar[FrameType] = FrameType.DISK_BLOCK
+
+    disk: int
+    offset: int
+    data: Buffer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceState(Frame):
     """The epoch's device-state blob."""
 
@@ -260,8 +280,9 @@ class EpochEnd(Frame):
     """Closes ``epoch``: what the receiver must hold to call the epoch complete.
 
     ``frames`` counts the epoch's frames from EPOCH_BEGIN (included) to EPOCH_END (excluded),
-    heartbeats not counted; ``pages`` sums PAGES counts; ``blob_bytes`` sums SMALL_BLOCK and
-    DEVICE_STATE data lengths; ``digest`` chains their header checksums (see epoch.py).
+    heartbeats not counted; ``pages`` sums PAGES counts; ``blob_bytes`` sums SMALL_BLOCK,
+    DISK_BLOCK and DEVICE_STATE data lengths; ``digest`` chains their header checksums (see
+    epoch.py).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.EPOCH_END
@@ -366,6 +387,10 @@ def _payload_small(f: SmallBlock) -> list[Buffer]:
     return [_SMALL.pack(f.block, 0, f.offset), f.data]
 
 
+def _payload_disk(f: DiskBlock) -> list[Buffer]:
+    return [_SMALL.pack(f.disk, 0, f.offset), f.data]
+
+
 def _payload_devstate(f: DeviceState) -> list[Buffer]:
     return [_DEVSTATE.pack(f.format, 0), f.data]
 
@@ -395,6 +420,8 @@ def _payload_parts(frame: Frame) -> list[Buffer]:
         return _payload_small(frame)
     if isinstance(frame, DeviceState):
         return _payload_devstate(frame)
+    if isinstance(frame, DiskBlock):
+        return _payload_disk(frame)
     if isinstance(frame, EpochBegin):
         return _payload_epoch_begin(frame)
     if isinstance(frame, EpochEnd):
@@ -570,7 +597,7 @@ def _parse_hello(h: _Header, r: _Reader) -> Frame:
     role_v = Role(_enum(r, Role, role, "HELLO role"))
     if page_size < PAGE_SIZE_MIN or page_size > PAGE_SIZE_MAX or page_size & (page_size - 1):
         raise r.fail(f"HELLO page size {page_size} is not a power of two in range")
-    if features & ~int(Feature.ZSTD | Feature.DELTA):
+    if features & ~int(Feature.ZSTD | Feature.DELTA | Feature.DISK):
         raise r.fail(f"HELLO advertises unknown features {features:#x}")
     name = r.text(name_len, "HELLO name")
     r.finish()
@@ -621,17 +648,23 @@ def _parse_pages(h: _Header, r: _Reader) -> Frame:
     )
 
 
-def _parse_small(h: _Header, r: _Reader) -> Frame:
-    block, res, offset = r.unpack(_SMALL)
+def _block_bytes(r: _Reader) -> tuple[int, int, bytes]:
+    """(index, offset, data) of a SMALL_BLOCK or DISK_BLOCK payload (same layout)."""
+    index, res, offset = r.unpack(_SMALL)
     r.reserved(res)
-    return SmallBlock(
-        generation=h.generation,
-        epoch=h.epoch,
-        wire_checksum=h.header_checksum,
-        block=block,
-        offset=offset,
-        data=r.rest(),
-    )
+    return index, offset, r.rest()
+
+
+def _parse_small(h: _Header, r: _Reader) -> Frame:
+    block, offset, data = _block_bytes(r)
+    return SmallBlock(generation=h.generation, epoch=h.epoch, wire_checksum=h.header_checksum,
+                      block=block, offset=offset, data=data)
+
+
+def _parse_disk(h: _Header, r: _Reader) -> Frame:
+    disk, offset, data = _block_bytes(r)
+    return DiskBlock(generation=h.generation, epoch=h.epoch, wire_checksum=h.header_checksum,
+                     disk=disk, offset=offset, data=data)
 
 
 def _parse_devstate(h: _Header, r: _Reader) -> Frame:
@@ -709,6 +742,7 @@ _PARSERS: Final[dict[FrameType, Callable[[_Header, _Reader], Frame]]] = {
     FrameType.ACK: _parse_ack,
     FrameType.RESYNC_REQUEST: _parse_resync,
     FrameType.HEARTBEAT: _parse_heartbeat,
+    FrameType.DISK_BLOCK: _parse_disk,
 }
 
 

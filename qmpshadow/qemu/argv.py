@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qmpshadow.disk.spec import disk_argv
 from qmpshadow.errors import ConfigError
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.spec import DEFAULT_BACKEND_ID, VmSpec
@@ -190,6 +191,7 @@ def primary_argv(
         objects = ["-object", f"memory-backend-ram,id={mem.backend_id},size={mem.size_mib}M"]
         machine += f",memory-backend={mem.backend_id}"
     argv = _common(spec, accel, binary, machine) + objects + _tail(spec, run)
+    argv += disk_argv(spec.disks, "primary")
     if incoming:
         argv += ["-S", "-incoming", "defer"]
     return argv
@@ -224,6 +226,8 @@ def shadow_argv(
     argv = _common(spec, accel, binary, machine)
     argv += _file_backend(mem.backend_id, mem.size_mib, shadow_mem)
     argv += _tail(spec, run)
+    # inactive until the incoming load completes: QEMU does not write the image before
+    argv += disk_argv(spec.disks, "shadow")
     argv += ["-S", "-incoming", "defer"]
     return argv
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from qmpshadow.disk.spec import DiskSpec, disks_from_list
 from qmpshadow.errors import ConfigError
 
 AccelName = Literal["auto", "kvm", "tcg"]
@@ -103,6 +104,8 @@ class VmSpec:
     serial: Path | bool = True
     extra_args: tuple[str, ...] = ()
     accel: AccelName = "auto"
+    #: ``[[disks]]`` (docs/disks.md)
+    disks: tuple[DiskSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _check_id("name", self.name)
@@ -192,6 +195,8 @@ class VmSpec:
                     f"got {_describe(extra)}"
                 )
             kwargs["extra_args"] = tuple(extra)
+        if "disks" in data:
+            kwargs["disks"] = disks_from_list(data["disks"], base_dir)
         return cls(**kwargs)
 
     @classmethod
@@ -253,6 +258,11 @@ class VmSpec:
                 out[key] = str(value)
         if self.kernel_args is not None:
             out["kernel_args"] = self.kernel_args
+        if self.disks:
+            out["disks"] = [
+                {"id": d.id, "path": str(d.path), "mode": d.mode}
+                | ({"shadow_path": str(d.shadow_path)} if d.shadow_path else {})
+                for d in self.disks]
         return out
 
     def replace(self, **changes: Any) -> VmSpec:
@@ -265,6 +275,7 @@ class VmSpec:
 
 
 _TOP_KEYS = frozenset({
+    "disks",
     "name", "memory", "vcpus", "machine", "cpu", "kernel", "kernel_args", "initrd",
     "serial", "extra_args", "accel",
 })

@@ -66,7 +66,10 @@ _REGION_RANGE: Final = (1, 3584)
 _DELAY_RANGE: Final = (0, 10_000_000)
 _PRINT_RANGE: Final = (0, 3_600_000)
 
-_COUNTER_RE: Final = re.compile(r"COUNTER (\d{1,20}) mism=(\d{1,20})")
+_COUNTER_RE: Final = re.compile(
+    r"COUNTER (\d{1,20}) mism=(\d{1,20})(?: dmism=(\d{1,20}) derr=(\d{1,20}))?")
+_DSLOTS_RANGE: Final = (0, 1 << 20)
+_DCHUNK_RANGE: Final = (1, 64)
 _START_RE: Final = re.compile(r"DIRTIER start((?: [a-z_]+=\S+)+)")
 _TAIL_CHARS: Final = 1500
 
@@ -151,13 +154,17 @@ def kernel_args(
     delay_us: int = DEFAULT_DELAY_US,
     pattern: str = DEFAULT_PATTERN,
     print_ms: int = DEFAULT_PRINT_MS,
+    dslots: int = 0,
+    dchunk: int = 8,
 ) -> str:
     """Return the guest's command line (QEMU ``-append``) for these parameters.
 
     ``pages``: pages dirtied per loop; ``region_mib``: size of the rotating region (placed
     at 8 MiB: the VM needs at least ``8 + region_mib`` MiB, else the guest clamps it and
     prints a warning); ``delay_us``: wait after each loop (0: none); ``pattern``: one of
-    ``repeat``, ``text``, ``random``; ``print_ms``: COUNTER line period (0: every loop).
+    ``repeat``, ``text``, ``random``; ``print_ms``: COUNTER line period (0: every loop);
+    ``dslots``: disk slots of ``dchunk`` sectors written (ATA PIO, first IDE disk) one
+    per loop with the same rotation self-check (0: no disk writes).
 
     Raises:
         ConfigError: a value is not an int in the range the guest accepts, ``pages``
@@ -167,6 +174,8 @@ def kernel_args(
     _check_int("region_mib", region_mib, _REGION_RANGE)
     _check_int("delay_us", delay_us, _DELAY_RANGE)
     _check_int("print_ms", print_ms, _PRINT_RANGE)
+    _check_int("dslots", dslots, _DSLOTS_RANGE)
+    _check_int("dchunk", dchunk, _DCHUNK_RANGE)
     if pattern not in PATTERNS:
         raise ConfigError(f"pattern must be one of {', '.join(PATTERNS)}; got {pattern!r}")
     region_pages = region_mib * (1024 * 1024 // PAGE_SIZE)
@@ -175,15 +184,20 @@ def kernel_args(
             f"pages={pages} exceeds the {region_pages} pages of a {region_mib} MiB region; "
             f"lower pages or raise region_mib"
         )
-    return f"pages={pages} region={region_mib} delay={delay_us} pattern={pattern} print={print_ms}"
+    line = f"pages={pages} region={region_mib} delay={delay_us} pattern={pattern} print={print_ms}"
+    return line + (f" dslots={dslots} dchunk={dchunk}" if dslots else "")
 
 
 @dataclass(frozen=True, slots=True)
 class CounterLine:
-    """One ``COUNTER <n> mism=<m>`` line: loops completed and mismatched pages so far."""
+    """One ``COUNTER <n> mism=<m> [dmism=<d> derr=<e>]`` line: loops completed and
+    mismatched pages so far; with disk writes on, mismatched disk chunks and disk I/O
+    errors (None on lines without them)."""
 
     counter: int
     mism: int
+    dmism: int | None = None
+    derr: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,15 +231,18 @@ def _complete_lines(text: str) -> list[str]:
 def parse_serial(text: str) -> list[CounterLine]:
     """Return the COUNTER lines of a guest serial log, in order.
 
-    Only complete lines (ended by a newline) that are exactly ``COUNTER <n> mism=<m>`` are
-    taken; partial, garbled and other lines (start line, warnings, MISMATCH reports) are
+    Only complete lines (ended by a newline) that are exactly ``COUNTER <n> mism=<m>``,
+    optionally followed by `` dmism=<d> derr=<e>``, are taken; partial, garbled and other
+    lines (start line, warnings, MISMATCH reports) are
     ignored. Never raises on any input.
     """
     out: list[CounterLine] = []
     for line in _complete_lines(text):
         m = _COUNTER_RE.fullmatch(line)
         if m is not None:
-            out.append(CounterLine(int(m.group(1)), int(m.group(2))))
+            d, e = m.group(3), m.group(4)
+            out.append(CounterLine(int(m.group(1)), int(m.group(2)),
+                                   None if d is None else int(d), None if e is None else int(e)))
     return out
 
 

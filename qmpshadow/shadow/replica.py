@@ -77,6 +77,7 @@ from qmpshadow.frames.wire import (
     Buffer,
     DeviceState,
     DeviceStateFormat,
+    DiskBlock,
     EpochBegin,
     EpochEnd,
     Frame,
@@ -264,7 +265,7 @@ class _Open:
 def _payload_size(frame: Frame) -> int:
     if isinstance(frame, Pages):
         return len(frame.records)
-    if isinstance(frame, SmallBlock | DeviceState):
+    if isinstance(frame, SmallBlock | DeviceState | DiskBlock):
         return len(frame.data)
     return 0
 
@@ -326,6 +327,8 @@ class Replica:
         self._small: mmap.mmap | None = None
         self._small_offsets: dict[str, tuple[int, int]] = {}
         self._journal_fd = -1
+        #: (fd, size) of each disk image, in the spec's order
+        self._disks: list[tuple[int, int]] = []
         self._state_fd = -1
         self._state_seq = 0
         self._device: CommittedDeviceState | None = None
@@ -346,6 +349,7 @@ class Replica:
         durable: bool | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         step_hook: StepHook | None = None,
+        disks: Sequence[str | os.PathLike[str]] = (),
     ) -> Replica:
         """Open (creating it if needed) the replica in ``directory`` and recover it.
 
@@ -357,7 +361,9 @@ class Replica:
         file's trailer is then gone and the replica comes back holding nothing, whatever
         was fsynced). Frames of an epoch are kept in memory up to ``memory_limit`` bytes to
         apply them at commit; a larger epoch is re-read from the journal. ``step_hook`` is
-        called after each commit step (tests).
+        called after each commit step (tests). ``disks`` are the shadow's disk images
+        (raw, in the VM spec's ``[[disks]]`` order): DISK_BLOCK frames of a committed
+        epoch are written into them, and only then (docs/disks.md).
 
         After open, :attr:`recovery` says what recovery did.
 
@@ -386,6 +392,7 @@ class Replica:
         self = cls(path, lock_fd, durable=durable, memory_limit=memory_limit,
                    step_hook=step_hook)
         try:
+            self._open_disks(disks)
             self._load(None if ram_path is None else Path(ram_path).absolute())
         except BaseException:
             self.close()
@@ -399,6 +406,9 @@ class Replica:
             return
         self._closed = True
         self._unmap()
+        for fd, _ in self._disks:
+            os.close(fd)
+        self._disks.clear()
         for attr in ("_journal_fd", "_state_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
@@ -457,6 +467,11 @@ class Replica:
     def page_size(self) -> int:
         """Page size of the PAGES records applied to the RAM file."""
         return self._state.page_size
+
+    @property
+    def disk_count(self) -> int:
+        """How many disk images DISK_BLOCK frames may write (``disks`` of :meth:`open`)."""
+        return len(self._disks)
 
     @property
     def blocks(self) -> tuple[RamBlock, ...]:
@@ -621,7 +636,7 @@ class Replica:
         if isinstance(frame, EpochBegin):
             self._stage_begin(frame)
             return
-        if not isinstance(frame, Pages | SmallBlock | DeviceState):
+        if not isinstance(frame, Pages | SmallBlock | DeviceState | DiskBlock):
             raise FrameError(
                 f"{frame.TYPE.name} frames are not staged: pass EPOCH_END to the epoch "
                 "assembler and its EpochComplete to commit()"
@@ -650,6 +665,9 @@ class Replica:
                     f"SMALL_BLOCK of {len(frame.data)} bytes at {frame.offset} overruns block "
                     f"{block.idstr!r} of {block.length} bytes"
                 )
+            op.blob_bytes += len(frame.data)
+        elif isinstance(frame, DiskBlock):
+            self._check_disk_block(frame)
             op.blob_bytes += len(frame.data)
         else:
             if op.device is not None:
@@ -705,6 +723,31 @@ class Replica:
             self._open = None
             raise
         op.wire_digest = digest_step(op.wire_digest, frame.wire_checksum)
+
+    def _check_disk_block(self, frame: DiskBlock) -> None:
+        if frame.disk >= len(self._disks):
+            raise FrameError(
+                f"DISK_BLOCK for disk {frame.disk}, but this shadow has {len(self._disks)} "
+                "disk(s): give the shadow the same [[disks]] as the primary's VM spec"
+            )
+        size = self._disks[frame.disk][1]
+        if frame.offset > size or len(frame.data) > size - frame.offset:
+            raise FrameError(
+                f"DISK_BLOCK of {len(frame.data)} bytes at {frame.offset} overruns disk "
+                f"{frame.disk} of {size} bytes: the shadow's image must be as large as "
+                "the primary's"
+            )
+
+    def _open_disks(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ReplicaError(
+                    f"cannot open the shadow's disk image {os.fspath(p)!r}: {exc}; create "
+                    "it (raw, as large as the primary's disk) first"
+                ) from exc
+            self._disks.append((fd, os.fstat(fd).st_size))
 
     def _table_block(self, index: int, *, small: bool, what: str) -> RamBlock:
         blocks = self._state.blocks
@@ -812,7 +855,7 @@ class Replica:
     def _journal_frames(self) -> Iterator[Frame]:
         """Content frames of the journal (for a commit too big to keep in memory)."""
         for frame in self._read_journal():
-            if isinstance(frame, Pages | SmallBlock | DeviceState):
+            if isinstance(frame, Pages | SmallBlock | DeviceState | DiskBlock):
                 yield frame
 
     def _apply(self, frames: Iterator[Frame], gen: int, epoch: int, digest: int) -> None:
@@ -830,6 +873,10 @@ class Replica:
             elif isinstance(frame, SmallBlock):
                 off = self._small_offsets[blocks[frame.block].idstr][0] + frame.offset
                 small[off : off + len(frame.data)] = frame.data
+            elif isinstance(frame, DiskBlock):
+                # bounds were checked when staged (and by recovery's re-read below)
+                self._check_disk_block(frame)
+                _pwrite_all(self._disks[frame.disk][0], frame.data, frame.offset)
             elif isinstance(frame, DeviceState):
                 dev_data = bytes(frame.data)
                 dev = _DevFile(f"devstate-{gen}-{epoch}.bin", frame.format, len(dev_data),
@@ -848,6 +895,8 @@ class Replica:
         if self._durable:
             os.fsync(self._ram_fd)
             os.fsync(self._small_fd)
+            for fd, _ in self._disks:
+                os.fsync(fd)
         self._step("commit:data-synced")
         self._truncate_journal()
         self._step("commit:journal-truncated")
@@ -1018,7 +1067,7 @@ class Replica:
                     ack = frame
                 elif isinstance(frame, Pages):
                     pages += frame.count
-                elif isinstance(frame, SmallBlock | DeviceState):
+                elif isinstance(frame, SmallBlock | DeviceState | DiskBlock):
                     blob += len(frame.data)
                 else:
                     return f"unexpected {frame.TYPE.name} frame in the journal"
@@ -1161,6 +1210,13 @@ class Replica:
             raise ReplicaError(
                 f"cannot map the replica files ({self._ram_path}, {SMALL_FILE}): {exc}"
             ) from exc
+
+
+def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _map_file(path: Path, length: int, flags: int, zero: bool,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import AccelError, QmpShadowError, StreamFormatError, StreamUnsupportedError
+from ..disk.replicator import DiskReplicator, PendingCapture
+from ..errors import (
+    AccelError,
+    DiskError,
+    QmpShadowError,
+    StreamFormatError,
+    StreamUnsupportedError,
+)
 from ..frames.wire import DeviceStateFormat
 from ..migstream import StreamParser
 from ..migstream.colo import encode_colo
@@ -47,6 +55,7 @@ from .epoch import CapturedEpoch, block_table
 
 AckMode = str  # "async" | "sync"
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -179,7 +188,13 @@ class ColoSource:
 
     def __init__(self, qmp: QmpControl, *, main_block: str, sock_path: str | Path,
                  sink: EpochSink, ack_mode: AckMode = "async",
-                 checkpoint_delay_ms: int = 200) -> None:
+                 checkpoint_delay_ms: int = 200, disks: DiskReplicator | None = None,
+                 disk_full: Callable[[], bool] | None = None) -> None:
+        """``disks``: capture the VM's disks at each checkpoint too, while the primary
+        waits for our answer (COLO keeps block nodes active); ``disk_full()`` says
+        whether the next capture must copy every block (the shadow needs a full epoch)."""
+        self.disks = disks
+        self.disk_full = disk_full
         if ack_mode not in ("async", "sync"):
             raise QmpShadowError(f"ack mode must be 'async' or 'sync', got {ack_mode!r}")
         self.qmp = qmp
@@ -339,6 +354,8 @@ class ColoSource:
             os.unlink(self.sock_path)
         self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
         try:
+            if self.disks is not None:
+                await self.disks.open()
             # x-ignore-shared off: a primary that was a promoted shadow still has it on
             # (its promotion stream used it), and its RAM is a shared file: QEMU would
             # then leave the main RAM out of every checkpoint
@@ -352,8 +369,29 @@ class ColoSource:
             self._server.close()
             if self._writer is not None:  # hang up: the primary's next REQUEST fails
                 self._writer.close()
+            if self.disks is not None:
+                await self.disks.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.sock_path)
+
+    async def _take_disk(self, ep: CapturedEpoch, pending: PendingCapture | None, *,
+                         release: bool) -> None:
+        """The epoch's disk blocks. A failure does not end the COLO session (the primary
+        must get its answer): the epoch is marked and the agent does not ship it."""
+        assert self.disks is not None
+        ep.disks = True
+        try:
+            if pending is None:
+                raise DiskError("the disk transaction failed")
+            if release:
+                await self.disks.release(pending)
+            cap = await self.disks.finish(pending)
+        except DiskError as exc:
+            log.warning("epoch %d: disk capture failed, not shipped: %s", ep.number, exc)
+            ep.disk_failed = True
+            return
+        ep.disk = cap.blocks
+        ep.disk_full = cap.full
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
@@ -374,20 +412,38 @@ class ColoSource:
                         continue
                     self.epochs += 1
                     answer = b"".join(encode_colo(m) for m in item.answers)
-                    if self._hold is not None and not self._hold.done():
-                        # the switchover's final epoch: it ships it; nobody answers
+                    ep = item.epoch
+                    held = self._hold is not None and not self._hold.done()
+                    pending = None
+                    if self.disks is not None:
+                        # the primary is stopped until it gets our answer: the disk's
+                        # checkpoint is now
+                        full = ep.full or (self.disk_full is not None and self.disk_full())
+                        with contextlib.suppress(DiskError):  # _take_disk marks the epoch
+                            pending = await self.disks.start(
+                                full=full, hold=self.ack_mode == "async" and not held)
+                    if held:
+                        # the switchover's final epoch: it ships it; nobody answers. Its
+                        # disk copy runs inside the held pause, as in sync mode
+                        if self.disks is not None:
+                            await self._take_disk(ep, pending, release=False)
                         self._held_answer = answer
                         self._held_since = self._answered_seq  # its STOP is newer
-                        self._hold.set_result(item.epoch)
+                        assert self._hold is not None
+                        self._hold.set_result(ep)
                         continue
                     if self.ack_mode == "async":
                         await self._answer(writer, answer)
-                        await self.sink(item.epoch)
+                        if self.disks is not None:
+                            await self._take_disk(ep, pending, release=True)
+                        await self.sink(ep)
                     else:
-                        await self.sink(item.epoch)
+                        if self.disks is not None:  # sync: the copy is inside the pause
+                            await self._take_disk(ep, pending, release=False)
+                        await self.sink(ep)
                         await self._answer(writer, answer)
                     if self._next_done is not None and not self._next_done.done():
-                        self._next_done.set_result(item.epoch.number)
+                        self._next_done.set_result(ep.number)
                 if not chunk or cap.ended:
                     break
             if not self._done.done():

@@ -78,7 +78,7 @@ class EpochEncoder:
         indices = array("Q", sorted(ep.main))
         pages = bytearray(b"".join(ep.main[i] for i in indices))
         n = len(indices)
-        if ep.device_format == DeviceStateFormat.QEMU_SECTIONS and n:
+        if ep.device_format == DeviceStateFormat.QEMU_SECTIONS and n and not ep.scanned:
             # QEMU's dirty log reports pages rewritten with the same bytes: drop them
             n = self.unchanged.filter(indices, pages)
         main = index[ep.main_block]
@@ -107,6 +107,12 @@ class EpochEncoder:
                 run_start, run = off, bytearray(page)
             if run:
                 out.append(w.small_block(bi, run_start, bytes(run)))
+        # disk blocks (a backup job writes up to 1 MiB at a time): cut to the frame bound
+        step = self.max_payload - 64
+        for disk, offset, data in ep.disk:
+            mv_d = memoryview(data)
+            for a in range(0, len(data), step):
+                out.append(w.disk_block(disk, offset + a, mv_d[a : a + step]))
         out.append(w.device_state(ep.device_format, ep.device_state))
         out.append(w.end())
         stats = EncodeStats(

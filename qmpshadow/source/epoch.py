@@ -28,6 +28,17 @@ class CapturedEpoch:
     device_format: DeviceStateFormat = DeviceStateFormat.QEMU_SECTIONS
     reported_pages: int = 0
     pause_ms: float | None = None
+    #: Disk bytes at the checkpoint: (disk index, byte offset, data) (docs/disks.md).
+    disk: list[tuple[int, int, bytes]] = field(default_factory=list)
+    #: The pages were found changed by a hash scan (shared-RAM source): the encoder's
+    #: unchanged filter, which only knows pages it was fed, must not drop any of them.
+    scanned: bool = False
+    #: Disks are replicated (``disk`` may still be empty: nothing was written), and
+    #: whether this epoch's disk capture copied every block.
+    disks: bool = False
+    disk_full: bool = False
+    #: The disk capture of this checkpoint failed: never ship it (the next epoch is full).
+    disk_failed: bool = False
 
     @property
     def raw_bytes(self) -> int:

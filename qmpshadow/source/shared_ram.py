@@ -17,14 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, QmpShadowError, StreamFormatError
+from ..disk.replicator import DiskCapture, DiskReplicator
+from ..errors import ConfigError, QmpCommandError, QmpShadowError, StreamFormatError
 from ..frames.pagehash import UnchangedFilter
-from ..frames.wire import DeviceStateFormat
+from ..frames.wire import DeviceStateFormat, RamBlock
 from ..migstream import StreamParser
 from ..migstream.constants import RamFlag
 from ..migstream.events import RamMemSize, RamRecords, _NeedData
 from ..qmp.control import QmpControl
+from ..qmp.events import EventSubscription
 from .epoch import CapturedEpoch, block_table
+
+#: File magic and version 3: what ``xen-save-devices-state`` writes before its sections.
+_XEN_HEADER = b"QEVM\x00\x00\x00\x03"
 
 
 def parse_device_stream(data: bytes, main_block: str) -> tuple[list[tuple[str, int]],
@@ -63,9 +68,20 @@ class SharedRamSource:
 
     def __init__(self, qmp: QmpControl, *, mem_path: str | Path, main_block: str,
                  sock_path: str | Path, page_size: int = 4096,
-                 seed: int | None = None, size: int | None = None) -> None:
+                 seed: int | None = None, size: int | None = None,
+                 disks: DiskReplicator | None = None) -> None:
         """``size``: the RAM block's length when the file may be longer (a promoted
-        shadow's RAM file is a replica's, with a trailer page after the block)."""
+        shadow's RAM file is a replica's, with a trailer page after the block).
+        ``disks``: capture the VM's disks at each checkpoint too (docs/disks.md)."""
+        self.disks = disks
+        # Disk epochs take device state with xen-save-devices-state (no block-node
+        # inactivation, so the backup runs after cont); these are the fallbacks' reasons.
+        self._blocks: tuple[RamBlock, ...] | None = None
+        self._force_full = False
+        self._reset_seen = False
+        self._reset_task: asyncio.Task[None] | None = None
+        self._last_disk: DiskCapture | None = None
+        self._xen = True  # False once QEMU lacks xen-save-devices-state
         self.qmp = qmp
         self.mem_path = Path(mem_path)
         self.main_block = main_block
@@ -108,9 +124,19 @@ class SharedRamSource:
         self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
         await self.qmp.migrate_set_capabilities({"x-ignore-shared": True, "events": True})
         await self.qmp.migrate_set_parameters(max_bandwidth=1 << 40)
+        if self.disks is not None:
+            await self.disks.open()
+            sub = self.qmp.subscribe(["RESET"])
+            self._reset_task = asyncio.create_task(self._watch_resets(sub))
 
     async def close(self) -> None:
         """Stop listening and unmap."""
+        if self._reset_task is not None:
+            self._reset_task.cancel()
+            await asyncio.gather(self._reset_task, return_exceptions=True)
+            self._reset_task = None
+        if self.disks is not None:
+            await self.disks.close()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -133,6 +159,18 @@ class SharedRamSource:
         finally:
             writer.close()
 
+    async def _watch_resets(self, sub: EventSubscription) -> None:
+        # A guest reset rebuilds small RAM blocks (ACPI tables): the next epoch takes the
+        # migrate path, which carries them (the xen-save path does not).
+        with sub, contextlib.suppress(QmpShadowError):  # QEMU gone: nothing more to see
+            async for _ev in sub:
+                self._reset_seen = True
+
+    @property
+    def last_disk(self) -> DiskCapture | None:
+        """The disk capture of the last checkpoint (None without disks)."""
+        return self._last_disk
+
     def reset(self) -> None:
         """Forget the previous table: the next epoch carries every page (full resync)."""
         if self._filter is not None:
@@ -152,7 +190,10 @@ class SharedRamSource:
         """
         assert self._mm is not None and self._filter is not None, "open() first"
         qmp = self.qmp
-        full = full or self.epoch_number == 0
+        full = full or self.epoch_number == 0 or self._force_full
+        if (self.disks is not None and not full and resume and self._blocks is not None
+                and not self._reset_seen and self._xen):
+            return await self._checkpoint_xen(held, release)
         if full:
             self._filter.reset(reseed=False)
         since = qmp.last_event_seq
@@ -160,7 +201,16 @@ class SharedRamSource:
         self.stopped_at = None
         await qmp.stop()
         ok = False
+        disk: list[tuple[int, int, bytes]] = []
+        disk_cap: DiskCapture | None = None
         try:
+            if self.disks is not None:
+                # before the migrate: it inactivates the block nodes, after which no
+                # backup can start, and a running job makes it fail (docs/disks.md)
+                self._reset_seen = False
+                self._force_full = True  # until this epoch is captured
+                self._last_disk = disk_cap = await self.disks.capture(full=full)
+                disk = disk_cap.blocks
             while not self._streams.empty():  # a stale stream of a failed earlier attempt
                 self._streams.get_nowait()
             await qmp.migrate(f"unix:{self.sock_path}")
@@ -187,18 +237,78 @@ class SharedRamSource:
                 await qmp.cont()
         t1 = time.monotonic()
         self.epoch_number += 1
+        self._force_full = False
+        self._blocks = block_table(blocks, self.main_block)
         ep = CapturedEpoch(self.epoch_number, full=full,
-                           blocks=block_table(blocks, self.main_block),
+                           blocks=self._blocks,
                            main_block=self.main_block, page_size=ps, main=pages, small=small,
                            device_state=got,
                            device_format=DeviceStateFormat.IGNORE_SHARED_STREAM,
-                           reported_pages=len(changed))
+                           reported_pages=len(changed), disk=disk,
+                           disks=self.disks is not None,
+                           disk_full=bool(disk_cap and disk_cap.full))
         if resume:
             ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         else:
             with contextlib.suppress(QmpShadowError):
                 stop = await self.qmp.wait_event("STOP", timeout=1.0, since=since)
                 self.stopped_at = stop.timestamp
+        return ep
+
+    async def _checkpoint_xen(self, held: asyncio.Event | None,
+                              release: asyncio.Event | None) -> CapturedEpoch:
+        """An incremental epoch with disks: stop → device state by
+        ``xen-save-devices-state`` (FULL sections, no RAM, block nodes stay active) →
+        the disk transaction → RAM scan → cont; the backup jobs then copy the checkpoint's
+        blocks (copy-before-write) while the guest runs, and the epoch is returned once
+        they completed. Small RAM blocks are not captured: they are the last migrate-path
+        epoch's (a guest RESET sends the next epoch down that path).
+        Raises QmpShadowError subclasses; on any failure the next epoch is full."""
+        assert self._blocks is not None and self.disks is not None
+        qmp = self.qmp
+        since = qmp.last_event_seq
+        t0 = time.monotonic()
+        self._force_full = True  # until this epoch is captured
+        dev_path = Path(self.sock_path).with_suffix(".dev")
+        await qmp.stop()
+        try:
+            try:
+                await qmp.execute("xen-save-devices-state",
+                                  {"filename": str(dev_path), "live": False})
+            except QmpCommandError as exc:
+                if exc.error_class == "CommandNotFound":
+                    self._xen = False  # from now on the migrate path, copy in the pause
+                raise
+            pending = await self.disks.start(hold=True)
+            changed, pages = await asyncio.to_thread(self._scan_copy, self.page_size)
+            if held is not None:
+                held.set()
+                if release is not None:
+                    await release.wait()
+        finally:
+            await qmp.cont()
+        t1 = time.monotonic()
+        await self.disks.release(pending)
+        try:
+            blob = dev_path.read_bytes()
+        except OSError as exc:
+            raise QmpShadowError(f"cannot read the device state {dev_path}: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                dev_path.unlink()
+        if blob[:8] != _XEN_HEADER:
+            raise StreamFormatError(f"device state starts {blob[:8].hex()}, expected a "
+                                    "QEVM version 3 header", offset=0)
+        self._last_disk = await self.disks.finish(pending)
+        self.epoch_number += 1
+        self._force_full = False
+        ep = CapturedEpoch(self.epoch_number, full=False, blocks=self._blocks,
+                           main_block=self.main_block, page_size=self.page_size, main=pages,
+                           small={}, device_state=blob[8:],
+                           device_format=DeviceStateFormat.QEMU_SECTIONS,
+                           reported_pages=len(changed), disk=self._last_disk.blocks,
+                           scanned=True, disks=True, disk_full=False)
+        ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         return ep
 
     def _scan_copy(self, ps: int) -> tuple[Any, dict[int, bytes]]:

@@ -379,3 +379,16 @@ def test_resume_bound_is_two_print_steps_past_the_last_line() -> None:
     assert resume_bound(lines[:1]) == 10
     with pytest.raises(ValueError, match="printed nothing"):
         resume_bound([])
+
+
+def test_parse_serial_disk_fields_are_optional() -> None:
+    text = ("COUNTER 5 mism=0\r\nCOUNTER 9 mism=1 dmism=2 derr=0\r\n"
+            "COUNTER 10 mism=0 dmism=3\r\n")  # a dmism without derr is garbled
+    assert parse_serial(text) == [CounterLine(5, 0), CounterLine(9, 1, 2, 0)]
+
+
+def test_kernel_args_disk() -> None:
+    assert kernel_args().endswith("print=100")  # unchanged without disk writes
+    assert kernel_args(dslots=64, dchunk=16).endswith(" dslots=64 dchunk=16")
+    with pytest.raises(ConfigError, match="dchunk"):
+        kernel_args(dslots=4, dchunk=65)

@@ -1,0 +1,1 @@
+"""Disk replication: dirty bitmaps + blockdev-backup into an NBD target (docs/disks.md)."""
