@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from qmpshadow.errors import ConfigError
+from qmpshadow.qemu.nics import NicSpec, nics_from_toml, output_commit_from_toml
 
 AccelName = Literal["auto", "kvm", "tcg"]
 MemoryBackendKind = Literal["ram", "file"]
@@ -103,6 +104,10 @@ class VmSpec:
     serial: Path | bool = True
     extra_args: tuple[str, ...] = ()
     accel: AccelName = "auto"
+    #: ``[[nics]]`` (qmpshadow.qemu.nics) and ``output_commit = "on"|"off"``: the primary's
+    #: network frames and serial bytes held until their epoch commits (docs/output-commit.md).
+    nics: tuple[NicSpec, ...] = ()
+    output_commit: bool = False
 
     def __post_init__(self) -> None:
         _check_id("name", self.name)
@@ -192,6 +197,10 @@ class VmSpec:
                     f"got {_describe(extra)}"
                 )
             kwargs["extra_args"] = tuple(extra)
+        if "nics" in data:
+            kwargs["nics"] = nics_from_toml(data["nics"])
+        if "output_commit" in data:
+            kwargs["output_commit"] = output_commit_from_toml(data["output_commit"])
         return cls(**kwargs)
 
     @classmethod
@@ -253,6 +262,10 @@ class VmSpec:
                 out[key] = str(value)
         if self.kernel_args is not None:
             out["kernel_args"] = self.kernel_args
+        if self.nics:
+            out["nics"] = [n.to_dict() for n in self.nics]
+        if self.output_commit:
+            out["output_commit"] = "on"
         return out
 
     def replace(self, **changes: Any) -> VmSpec:
@@ -266,7 +279,7 @@ class VmSpec:
 
 _TOP_KEYS = frozenset({
     "name", "memory", "vcpus", "machine", "cpu", "kernel", "kernel_args", "initrd",
-    "serial", "extra_args", "accel",
+    "serial", "extra_args", "accel", "nics", "output_commit",
 })
 _MEMORY_KEYS = frozenset({"size_mib", "backend", "backend_id", "mem_path"})
 
