@@ -36,10 +36,11 @@ _READ = 1 << 16
 
 
 def _chardev_paths(info: list[dict[str, Any]]) -> dict[str, str]:
-    """label → unix socket path from ``query-chardev`` (filename ``unix:PATH,server=on``)."""
+    """label → unix socket path from ``query-chardev`` (filename ``unix:PATH,server=on``,
+    prefixed ``disconnected:`` while no client is connected)."""
     out: dict[str, str] = {}
     for c in info:
-        name = str(c.get("filename", ""))
+        name = str(c.get("filename", "")).removeprefix("disconnected:")
         if name.startswith("unix:"):
             out[str(c.get("label"))] = name[5:].split(",server")[0]
     return out

@@ -1,0 +1,207 @@
+"""Output commit across a failover, on real QEMU (TCG, shared-RAM source), real mosquitto,
+the real CLI agents, and a real TCP peer in a private LAN (a network namespace).
+
+The Linux test guest (qemu-scripts/build-linux-guest.sh) streams ``SEQ <n> <uptime>`` lines
+over one TCP connection to the peer and prints ``COUNTER`` lines on its serial console. The
+primary QEMU is killed (kill -9) a fixed time after a commit, so that it has said things
+after its last committed checkpoint; the shadow promotes by itself. Then:
+
+- ``output_commit = "on"``: the peer never saw a stream byte twice with two values (no
+  contradiction, from a raw capture), the counters it read never repeat or go back, and the
+  serial log (released by the source agent) followed by the promoted shadow's never shows a
+  COUNTER twice;
+- ``"off"``: the same run shows the duplicates — the promoted shadow prints COUNTER lines the
+  primary had already printed, and re-sends stream bytes the peer had already received, with
+  other values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpshadow.cluster.mosquitto import Mosquitto
+from qmpshadow.qemu.accel import AccelChoice
+from qmpshadow.qemu.spec import VmSpec
+from qmpshadow.qemu.testguest import parse_serial, repo_root
+from qmpshadow.testing.lan import Lan
+from qmpshadow.testing.netns import netns_unavailable_reason
+from tests.faults.e2e import (
+    Agent,
+    assert_one_copy,
+    cluster_args,
+    kill_pid,
+    RunStates,
+    shadow_agent,
+    source_agent,
+)
+from tests.integration.conftest import LaunchVm
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+GUEST_IP = "10.77.0.2"
+PORT = 5000
+INTERVAL_MS = 500
+
+
+def linux_guest() -> tuple[Path, Path]:
+    """The Linux test guest, built (idempotently, ~1 s once its packages are in) if needed."""
+    out = repo_root() / "build" / "linux-guest"
+    kernel, initrd = out / "vmlinuz", out / "initramfs.cpio.gz"
+    script = repo_root() / "qemu-scripts" / "build-linux-guest.sh"
+    if not initrd.exists() or initrd.stat().st_mtime < max(
+            script.stat().st_mtime, (script.parent / "linux-guest" / "init").stat().st_mtime):
+        subprocess.run([str(script)], check=True, capture_output=True, timeout=600)
+    return kernel, initrd
+
+
+def write_net_spec(path: Path, mem_path: Path, *, output_commit: bool, tag: str) -> Path:
+    kernel, initrd = linux_guest()
+    path.write_text(f"""
+name = "oc"
+kernel = "{kernel}"
+initrd = "{initrd}"
+kernel_args = "console=ttyS0 panic=-1 lg.mib=1 lg.delay=0.1 lg.ip={GUEST_IP}/24 lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
+accel = "tcg"
+output_commit = "{'on' if output_commit else 'off'}"
+[memory]
+size_mib = 128
+backend = "file"
+backend_id = "mem"
+mem_path = "{mem_path}"
+[[nics]]
+id = "n0"
+mac = "52:54:00:12:34:56"
+ifname = "qsp{tag}"
+shadow_ifname = "qss{tag}"
+""")
+    return path
+
+
+def peer_summary(path: Path) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"seqs": [], "contradict_bytes": 0, "dup_bytes": 0, "connections": 0}
+    return doc
+
+
+async def wait_peer(path: Path, pred: Any, timeout: float, what: str,
+                    agents: tuple[Agent | None, ...] = ()) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = peer_summary(path)
+        if pred(doc):
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peer: {what} not seen within {timeout}s: "
+                                 f"{ {k: v for k, v in doc.items() if k != 'seqs'} } "
+                                 f"seqs[-5:]={doc.get('seqs', [])[-5:]}" + "".join(
+                                     f"\n--- {a.out.name}:\n{a.text()[-2000:]}"
+                                     for a in agents if a is not None))
+        await asyncio.sleep(0.1)
+
+
+def serial_counters(text: str) -> list[int]:
+    return [c.counter for c in parse_serial(text)]
+
+
+@pytest.mark.parametrize("output_commit", [True, False], ids=["on", "off"])
+async def test_failover_output(launch_vm: LaunchVm, short_tmp: Path, broker: Mosquitto,
+                               tcg: AccelChoice, output_commit: bool) -> None:
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = f"{os.getpid() % 10000}{'n' if output_commit else 'f'}"
+    spec_path = write_net_spec(short_tmp / "vm.toml", short_tmp / "primary.ram",
+                               output_commit=output_commit, tag=tag)
+    spec = VmSpec.from_toml(spec_path)
+    peer_out = short_tmp / "peer.json"
+    promoted_pid = None
+    with Lan.create() as lan:
+        peer = subprocess.Popen(lan.ns.exec_argv(
+            [sys.executable, "-m", "qmpshadow.testing.tcppeer", "--listen",
+             f"{lan.peer_addr}:{PORT}", "--iface", "br0", "--out", str(peer_out)]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shadow = source = None
+        try:
+            vm = await launch_vm(spec, accel=tcg)
+            lan.attach(spec.nics[0].ifname)
+            replica = short_tmp / "replica"
+            link = f"unix:{short_tmp / 'link.sock'}"
+            cargs = cluster_args(broker, lease_ms=3000)
+            shadow = shadow_agent(spec_path, replica, link, short_tmp / "shadow.out", cargs)
+            await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+            lan.attach(spec.nics[0].shadow_ifname)
+            source = source_agent(spec_path, vm.run.qmp2_sock, link, short_tmp / "source.out",
+                                  cargs, extra=["--interval", str(INTERVAL_MS)])
+            await source.wait_event(lambda e: e.get("event") == "lease-protected", timeout=30)
+            await shadow.wait_event(lambda e: e.get("event") == "watch-armed", timeout=30)
+            # boot + first connection (the guest pings the peer until it answers)
+            await wait_peer(peer_out, lambda d: len(d["seqs"]) >= 20, 40, "20 SEQ lines",
+                            (source, shadow))
+            n = len(shadow.events())
+            await shadow.wait_event(lambda e: e.get("event") == "committed"
+                                    and shadow.events().index(e) >= n, timeout=30)
+            # kill mid-epoch: the primary has said things after its last checkpoint
+            await asyncio.sleep(INTERVAL_MS / 1000 * 0.6)
+            before = peer_summary(peer_out)
+            async with RunStates({"primary": vm.qmp,
+                                  "shadow": replica / "standby" / "qmp2.sock"}) as states:
+                vm.kill()
+                await vm.wait()
+                ev = await shadow.wait_event(lambda e: e.get("event") == "failover",
+                                             timeout=30, allow_exit=True)
+                await asyncio.sleep(0.3)
+            promoted_pid = ev["pid"]
+            assert_one_copy(states)
+            # the promoted guest keeps streaming; give it time to retransmit/resend
+            last = max(before["seqs"], default=0)
+            after = await wait_peer(peer_out, lambda d: max(d["seqs"], default=0) >= last + 20
+                                    or d["connections"] > 1, 60,
+                                    "the stream going on after the failover")
+            await asyncio.sleep(1.0)
+            after = peer_summary(peer_out)
+            primary_serial = serial_counters(vm.run.serial_log.read_text(errors="replace"))
+            shadow_serial = serial_counters(
+                (replica / "standby" / "serial.log").read_text(errors="replace"))
+            seqs = after["seqs"]
+            repeats = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
+            gaps = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1]
+            serial_repeats = [c for c in shadow_serial if primary_serial
+                              and c <= primary_serial[-1]]
+            report = {"output_commit": output_commit, "epoch": ev["epoch"],
+                      "connections": after["connections"], "segments": after["segments"],
+                      "dup_bytes": after["dup_bytes"],
+                      "contradict_bytes": after["contradict_bytes"],
+                      "first_contradiction": after["first_contradiction"],
+                      "seq_repeats": repeats[:5], "seq_gaps": gaps[:5],
+                      "seq_before_kill": last, "seq_last": seqs[-1] if seqs else None,
+                      "serial_primary_last": primary_serial[-1:],
+                      "serial_shadow_first": shadow_serial[:1],
+                      "serial_repeats": serial_repeats[:5]}
+            print("output-commit failover:", json.dumps(report))
+            assert primary_serial and shadow_serial, report
+            if output_commit:
+                assert after["contradict_bytes"] == 0, report
+                assert not repeats, report
+                assert not after["bad_lines"], (after["bad_lines"][:5], report)
+                assert not serial_repeats, report
+            else:
+                # the duplicates: the shadow says again what the dead primary had said
+                assert serial_repeats, report
+                assert after["contradict_bytes"] > 0 or repeats, report
+        finally:
+            for a in (source, shadow):
+                if a is not None:
+                    a.close()
+            kill_pid(promoted_pid)
+            peer.kill()
+            peer.wait(5)
