@@ -18,6 +18,7 @@ after its last committed checkpoint; the shadow promotes by itself. Then:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -36,10 +37,10 @@ from qmpshadow.testing.lan import Lan
 from qmpshadow.testing.netns import netns_unavailable_reason
 from tests.faults.e2e import (
     Agent,
+    RunStates,
     assert_one_copy,
     cluster_args,
     kill_pid,
-    RunStates,
     shadow_agent,
     source_agent,
 )
@@ -49,6 +50,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 GUEST_IP = "10.77.0.2"
 PORT = 5000
 INTERVAL_MS = 500
+GUEST_ARGS = f"console=ttyS0 panic=-1 lg.mib=1 lg.delay=0.1 lg.ip={GUEST_IP}/24"
 
 
 def linux_guest() -> tuple[Path, Path]:
@@ -68,7 +70,7 @@ def write_net_spec(path: Path, mem_path: Path, *, output_commit: bool, tag: str)
 name = "oc"
 kernel = "{kernel}"
 initrd = "{initrd}"
-kernel_args = "console=ttyS0 panic=-1 lg.mib=1 lg.delay=0.1 lg.ip={GUEST_IP}/24 lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
+kernel_args = "{GUEST_ARGS} lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
 accel = "tcg"
 output_commit = "{'on' if output_commit else 'off'}"
 [memory]
@@ -173,8 +175,8 @@ async def test_failover_output(launch_vm: LaunchVm, short_tmp: Path, broker: Mos
             shadow_serial = serial_counters(
                 (replica / "standby" / "serial.log").read_text(errors="replace"))
             seqs = after["seqs"]
-            repeats = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
-            gaps = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1]
+            repeats = [(a, b) for a, b in itertools.pairwise(seqs) if b <= a]
+            gaps = [(a, b) for a, b in itertools.pairwise(seqs) if b > a + 1]
             serial_repeats = [c for c in shadow_serial if primary_serial
                               and c <= primary_serial[-1]]
             report = {"output_commit": output_commit, "epoch": ev["epoch"],
