@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,9 @@ class OutputCommit:
         self.channels: list[_Channel] = []
         self.sealed_epoch = 0
         self._active = False
+        # seal time per epoch not yet committed: the hold time the commit adds (status)
+        self._sealed_at: dict[int, float] = {}
+        self.commit_lag_ms: float | None = None
 
     async def open(self, qmp: QmpControl) -> None:
         """Find and connect the primary's output-commit chardevs.
@@ -178,11 +182,17 @@ class OutputCommit:
             self._readable(ch)
             ch.queue.seal(epoch)
         self.sealed_epoch = max(self.sealed_epoch, epoch)
+        self._sealed_at.setdefault(epoch, time.monotonic())
 
     def commit(self, epoch: int) -> None:
         """The shadow committed ``epoch``: release its output (and any earlier)."""
         for ch in self.channels:
             ch.release(ch.queue.commit(epoch))
+        at = self._sealed_at.pop(epoch, None)
+        for n in [n for n in self._sealed_at if n < epoch]:
+            del self._sealed_at[n]
+        if at is not None:
+            self.commit_lag_ms = (time.monotonic() - at) * 1000
 
     def drop(self) -> int:
         """Forget every held item (failover, or protection ends uncommitted)."""
@@ -193,10 +203,11 @@ class OutputCommit:
         active, self._active = self._active, False
         return active
 
-    def status(self) -> dict[str, int]:
-        """Counters for status documents and metrics."""
+    def status(self) -> dict[str, float | int | None]:
+        """Counters for status documents and metrics; ``commit_lag_ms``: seal → release
+        of the last committed epoch (what output commit adds after the epoch ended)."""
         qs = [ch.queue for ch in self.channels]
-        return {"output_held": sum(q.held_items for q in qs),
+        return {"commit_lag_ms": self.commit_lag_ms,"output_held": sum(q.held_items for q in qs),
                 "output_held_bytes": sum(q.held_bytes for q in qs),
                 "output_released": sum(q.released_items for q in qs),
                 "output_released_bytes": sum(q.released_bytes for q in qs),

@@ -64,17 +64,21 @@ def linux_guest() -> tuple[Path, Path]:
     return kernel, initrd
 
 
-def write_net_spec(path: Path, mem_path: Path, *, output_commit: bool, tag: str) -> Path:
+def write_net_spec(path: Path, mem_path: Path, *, output_commit: bool, tag: str,
+                   mib: int = 128, kernel_args: str = "") -> Path:
+    """The Linux guest with one e1000 NIC (taps qsp<tag>/qss<tag>); by default it streams
+    SEQ lines to the peer (``kernel_args`` replaces that)."""
     kernel, initrd = linux_guest()
+    kernel_args = kernel_args or f"{GUEST_ARGS} lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
     path.write_text(f"""
 name = "oc"
 kernel = "{kernel}"
 initrd = "{initrd}"
-kernel_args = "{GUEST_ARGS} lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
+kernel_args = "{kernel_args}"
 accel = "tcg"
 output_commit = "{'on' if output_commit else 'off'}"
 [memory]
-size_mib = 128
+size_mib = {mib}
 backend = "file"
 backend_id = "mem"
 mem_path = "{mem_path}"
