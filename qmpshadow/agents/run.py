@@ -298,7 +298,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         done.set()
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
-                                  ack_mode=ack, checkpoint_delay_ms=interval_ms)
+                                  ack_mode=ack, checkpoint_delay_ms=policy.max_ms)
                 colo_task = task = asyncio.create_task(colo.run())
                 waiters: set[asyncio.Future[Any]] = {task,
                                                      asyncio.ensure_future(done.wait())}
