@@ -7,12 +7,12 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := $(shell sed -e 's/\#.*//' deps/apt-packages.txt)
 PYX := $(shell find cython -name '*.pyx')
 
-.PHONY: demo test deps venv build guest lint typecheck unit integration bench clean
+.PHONY: demo test deps venv build guest linux-guest lint typecheck unit integration bench clean
 
 demo: deps venv build guest
 	$(VENV)/bin/qmpshadow demo
 
-test: deps venv build guest lint typecheck
+test: deps venv build guest linux-guest lint typecheck
 	$(PY) -m pytest -q
 	QMPSHADOW_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/unit
 
@@ -41,6 +41,12 @@ $(VENV)/.built: $(VENV)/.installed $(PYX) setup.py
 
 guest:
 	$(MAKE) -s -C qemu-scripts/guest
+
+# The Linux guest of the network output-commit test and bench (its packages come with
+# `deps`; rebuilt, ~1 s, only when its inputs changed).
+linux-guest: build/linux-guest/initramfs.cpio.gz
+build/linux-guest/initramfs.cpio.gz: qemu-scripts/build-linux-guest.sh qemu-scripts/linux-guest/init
+	qemu-scripts/build-linux-guest.sh --no-install >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check qmpshadow tests bench

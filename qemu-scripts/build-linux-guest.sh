@@ -12,6 +12,7 @@
 #     -kernel build/linux-guest/vmlinuz -initrd build/linux-guest/initramfs.cpio.gz \
 #     -append "console=ttyS0 panic=-1 lg.mib=4"
 # and wait for the line "LINUXGUEST ready ...", then "COUNTER <n> mism=<m>" lines.
+# Network modes (e1000 NIC; lg.ip=, lg.mode=tcpcount|serve): see qemu-scripts/linux-guest/init.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -76,6 +77,15 @@ mkdir -p "$STAGE"/root/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,mnt,etc}
 cp "$BUSYBOX" "$STAGE/root/bin/busybox"
 ln -s busybox "$STAGE/root/bin/sh"
 install -m 0755 "$HERE/linux-guest/init" "$STAGE/root/init"
+# the e1000 NIC driver (a module in Debian's kernel, no dependencies) for lg.ip=
+RELEASE=${KERNEL#/boot/vmlinuz-}
+E1000=/lib/modules/$RELEASE/kernel/drivers/net/ethernet/intel/e1000/e1000.ko
+if [[ -f $E1000 ]]; then
+    mkdir -p "$STAGE/root/lib/modules"
+    install -m 0644 "$E1000" "$STAGE/root/lib/modules/e1000.ko"
+else
+    echo "build-linux-guest.sh: warning: no $E1000, the guest will have no network" >&2
+fi
 if [[ $(id -u) == 0 ]]; then
     # so that the kernel can open the console before /init runs
     mknod -m 0600 "$STAGE/root/dev/console" c 5 1

@@ -43,6 +43,7 @@ _GAUGES = {
     "committed_epoch": "Latest epoch the shadow committed",
     "heartbeat_age_seconds": "Seconds since the peer agent was last heard",
     "generation": "Fencing token (generation) this agent holds or knows",
+    "epoch_ms": "Current epoch length chosen by the epoch policy (source)",
 }
 _COUNTERS = {
     "epochs": "Epochs captured (source) or committed (shadow)",

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..disk.replicator import DiskReplicator, DiskSource
 from ..disk.spec import DiskSpec, disk_sizes
 from ..errors import ConfigError, DiskError, QmpShadowError
+from ..output.policy import EpochPolicy
+from ..output.shell import OutputCommit
 from ..qemu.accel import detect_accel
 from ..qemu.argv import RunPaths
 from ..qemu.spec import VmSpec
@@ -144,7 +146,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                       max_epochs: int = 0, generation: int = 1,
                       cluster: ClusterOptions | None = None,
                       fencer_log: Path | None = None, control: Path | None = None,
-                      metrics: str | None = None) -> str:
+                      metrics: str | None = None, epoch_min_ms: int | None = None,
+                      epoch_max_ms: int | None = None) -> str:
     """Protect a running primary until interrupted (or ``max_epochs`` epochs).
 
     With ``cluster`` the agent also holds the primary's lease through the broker, renews
@@ -158,6 +161,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     latter needs ``cluster``; either source). ``metrics``: HOST:PORT of a
     Prometheus endpoint (qmpshadow.agents.metrics).
 
+    ``epoch_min_ms``/``epoch_max_ms``: bounds of the adaptive epoch length (shorter while
+    the guest's output waits, longer when idle; both default to ``interval_ms``, i.e. a
+    fixed length). With ``spec.output_commit`` the primary's network frames and serial bytes
+    are held until their epoch commits (qmpshadow.output, docs/output-commit.md).
+
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
     exists, QmpShadowError subclasses otherwise (RdmaUnavailableError before anything
     starts when ``to`` is rdma and this host cannot use it).
@@ -169,6 +177,15 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
     copied = [d for d in spec.disks if d.mode == "copy"]
+    if spec.output_commit and source != "shared-ram":
+        raise ConfigError("output_commit = \"on\" needs the shared-ram source (the colo "
+                          "source does not seal output at its checkpoints yet); use "
+                          "--source shared-ram with memory.backend = 'file'")
+    emin = epoch_min_ms or interval_ms
+    policy = EpochPolicy(emin, epoch_max_ms or max(interval_ms, emin))
+    oc: OutputCommit | None = None
+    wake = asyncio.Event()
+    status = _with_output(status, policy, lambda: oc)
     primary = None
     if cluster is not None:
         from ..cluster.primary import PrimaryProcess, pid_of_socket
@@ -203,7 +220,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             "vm": spec.name, "source": source, "captured": agent.stats.captured,
             "committed": agent.stats.committed, "lag": agent.lag,
             "link": agent.link is not None and agent.link.is_open,
-            "generation": cl.sm.generation if cl is not None else generation}
+            "generation": cl.sm.generation if cl is not None else generation,
+            **policy.status(), **(oc.status() if oc is not None else {})}
         if cl is not None:
             doc.update(lease=cl.sm.state.value, broker_connected=cl.bus.connected)
         return doc
@@ -270,7 +288,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             epoch_lag=lambda: agent.lag, committed_epoch=lambda: agent.stats.committed,
             heartbeat_age_seconds=age, epochs=lambda: agent.stats.captured,
             bytes_shipped=lambda: agent.stats.wire_bytes,
-            generation=lambda: cl.sm.generation if cl is not None else generation)
+            generation=lambda: cl.sm.generation if cl is not None else generation,
+            epoch_ms=lambda: policy.current_ms)
 
     async def colo_fence() -> None:
         if colo_task is not None:
@@ -282,6 +301,14 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     with tempfile.TemporaryDirectory(prefix="qmpshadow-src-") as tmp:
         sock = Path(tmp) / "stream.sock"
         try:
+            if spec.output_commit:
+                serial_log = spec.serial if isinstance(spec.serial, Path) else None
+                oc = OutputCommit(spec.nics, serial=spec.serial is not False,
+                                  serial_log=serial_log, on_output=wake.set)
+                await oc.open(qmp)
+                agent.on_commit = oc.commit
+                status({"event": "output-commit", "nics": [n.id for n in spec.nics],
+                        "serial": spec.serial is not False})
             if cluster is not None and primary is not None:
                 from ..cluster.source_side import SourceCluster
 
@@ -313,7 +340,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                         done.set()
 
                 colo = ColoSource(qmp, main_block=mem.backend_id, sock_path=sock, sink=sink,
-                                  ack_mode=ack, checkpoint_delay_ms=interval_ms,
+                                  ack_mode=ack, checkpoint_delay_ms=policy.max_ms,
                                   disks=_replicator(qmp, copied, sock.parent, status),
                                   disk_full=lambda: agent.need_full)
                 coloed.append(colo)
@@ -350,9 +377,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                                       disks=_replicator(qmp, copied, sock.parent, status))
                 await src.open()
                 shared.append(src)
+                if oc is not None:
+                    src.on_stopped = oc.seal
                 try:
-                    await _shared_ram_loop(agent, src, cl, ckpt_lock, interval_ms,
-                                           max_epochs)
+                    await _shared_ram_loop(agent, src, cl, ckpt_lock, policy,
+                                           max_epochs, oc, wake)
                 finally:
                     await src.close()
             if cl is not None and cl.done.done():
@@ -371,7 +400,14 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 await server.close()  # lets an answer in flight (switchover) go out
             if cl is not None:
                 await cl.close(end=outcome == "done")
+            if oc is not None and outcome == "released":
+                # the primary died: acks already on their way still release the output
+                # of epochs the shadow committed (it resumes from one of them), so that the
+                # serial log has no gap; the lease is already released, nothing waits on us
+                await asyncio.sleep(0.2)
             await agent.close()
+            if oc is not None:
+                await oc.close()
             await qmp.close()
             if mets is not None:
                 mets.close()
@@ -390,9 +426,49 @@ def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path,
                           sock_dir, tag=f"qs{os.getpid()}", on_progress=status)
 
 
+def _with_output(status: StatusFn, policy: EpochPolicy,
+                 oc: Callable[[], OutputCommit | None]) -> StatusFn:
+    """``status`` with the epoch length and output-commit counters added to epoch events."""
+    def both(doc: dict[str, Any]) -> None:
+        if doc.get("event") == "epoch":
+            o = oc()
+            doc = {**doc, "epoch_ms": policy.current_ms,
+                   **(o.status() if o is not None else {})}
+        status(doc)
+    return both
+
+
+async def _epoch_gap(policy: EpochPolicy, oc: OutputCommit | None, wake: asyncio.Event,
+                     done: asyncio.Future[Any] | None) -> None:
+    """Wait the policy's next epoch length; output arriving during a long (idle) epoch
+    cuts it short, to no less than ``min_ms`` since the last checkpoint."""
+    active = oc is not None and (oc.take_activity() or any(
+        ch.queue.open_items for ch in oc.channels))
+    ms = policy.next_ms(active)
+    t0 = time.monotonic()
+    wake.clear()
+    waiters: set[asyncio.Future[Any]] = set() if done is None else {done}
+    woke: asyncio.Future[Any] | None = None
+    if oc is not None and policy.adaptive and ms > policy.min_ms:
+        woke = asyncio.ensure_future(wake.wait())
+        waiters.add(woke)
+    if waiters:
+        await asyncio.wait(waiters, timeout=ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+    else:
+        await asyncio.sleep(ms / 1000)
+    if woke is not None:
+        if woke.done() and (done is None or not done.done()):
+            rest = policy.wake_after_ms((time.monotonic() - t0) * 1000)
+            if rest:
+                await asyncio.sleep(rest / 1000)
+        woke.cancel()
+
+
 async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
-                           cl: SourceCluster | None, lock: asyncio.Lock, interval_ms: int,
-                           max_epochs: int) -> None:
+                           cl: SourceCluster | None, lock: asyncio.Lock,
+                           policy: EpochPolicy, max_epochs: int,
+                           oc: OutputCommit | None = None,
+                           wake: asyncio.Event | None = None) -> None:
     """Checkpoints until ``max_epochs``, or (with a cluster) until protection ends. With
     a cluster, no checkpoint starts while the primary must not run (a checkpoint ends
     with ``cont``), and each one runs under the lock the fencing takes."""
@@ -433,16 +509,14 @@ async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
                 if agent.on_status is not None:
                     agent.on_status({"event": "disk-error", "error": str(exc),
                                      "time": time.time()})
-                await asyncio.sleep(interval_ms / 1000)
+                await asyncio.sleep(policy.min_ms / 1000)
                 continue
         await agent.ship(ep)
         if cl is not None:
             cl.note_epoch(ep.number, agent.stats.committed)
         n += 1
-        if cl is None:
-            await asyncio.sleep(interval_ms / 1000)
-        else:
-            await asyncio.wait({cl.done}, timeout=interval_ms / 1000)
+        await _epoch_gap(policy, oc, wake or asyncio.Event(),
+                         cl.done if cl is not None else None)
 
 
 async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: LinkSecurity,

@@ -114,6 +114,9 @@ class SourceAgent:
         self.on_heartbeat: Callable[[Heartbeat], None] | None = None
         self.on_hello: Callable[[Hello], None] | None = None
         self._hb_task: asyncio.Task[None] | None = None
+        #: Called with the epoch number whenever the shadow's committed epoch advances
+        #: (output commit releases that epoch's output).
+        self.on_commit: Callable[[int], None] | None = None
 
     @property
     def session(self) -> str:
@@ -206,7 +209,10 @@ class SourceAgent:
         try:
             async for frame in link:
                 if isinstance(frame, Ack):
+                    advanced = frame.epoch > self.stats.committed
                     self.stats.committed = max(self.stats.committed, frame.epoch)
+                    if advanced and self.on_commit is not None:
+                        self.on_commit(frame.epoch)
                     for n in [n for n in self._acks if n <= frame.epoch]:
                         fut = self._acks.pop(n)
                         if not fut.done():

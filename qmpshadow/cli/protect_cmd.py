@@ -60,6 +60,12 @@ def register(sub: Any) -> None:
                    help="COLO ack mode (default async)")
     p.add_argument("--interval", type=int, default=200, metavar="MS",
                    help="checkpoint interval in ms (default 200)")
+    p.add_argument("--epoch-min-ms", type=int, metavar="MS",
+                   help="adaptive epoch length: the shortest, used while the guest's output "
+                   "waits (default --interval; docs/output-commit.md)")
+    p.add_argument("--epoch-max-ms", type=int, metavar="MS",
+                   help="adaptive epoch length: the longest, reached when idle (default "
+                   "--interval, or --epoch-min-ms if larger)")
     p.add_argument("--epochs", type=int, default=0, help="stop after N epochs (0: never)")
     p.add_argument("--generation", type=int, default=1, metavar="N",
                    help="fencing token of this primary (default 1; after a failover, "
@@ -147,7 +153,9 @@ def run_protect(args: argparse.Namespace) -> int:
                                status=StatusLine(json_mode=args.json),
                                max_epochs=args.epochs, generation=args.generation,
                                cluster=_cluster_options(args), fencer_log=args.fencer_log,
-                               control=args.control, metrics=args.metrics))
+                               control=args.control, metrics=args.metrics,
+                               epoch_min_ms=args.epoch_min_ms,
+                               epoch_max_ms=args.epoch_max_ms))
     if outcome == "released" and not args.json:
         print("the primary exited; its lease was released to the shadow", file=sys.stderr)
     elif outcome == "switched-over" and not args.json:

@@ -25,6 +25,7 @@ from typing import Literal
 from qmpshadow.disk.spec import disk_argv
 from qmpshadow.errors import ConfigError
 from qmpshadow.qemu.accel import AccelChoice
+from qmpshadow.qemu.nics import nic_argv, serial_socket_argv
 from qmpshadow.qemu.spec import DEFAULT_BACKEND_ID, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -129,13 +130,18 @@ def _common(spec: VmSpec, accel: AccelChoice | str, binary: str, machine: str) -
     ]
 
 
-def _tail(spec: VmSpec, run: RunPaths) -> list[str]:
+def _tail(spec: VmSpec, run: RunPaths, *, shadow: bool = True) -> list[str]:
+    # shadow=True: serial straight to its log and NICs without redirectors
+    oc = spec.output_commit and not shadow
     argv = [
+        *nic_argv(spec.nics, run.root, shadow=shadow, output_commit=oc),
         "-qmp", f"unix:{qemu_opt(run.qmp_sock)},server=on,wait=off",
         "-qmp", f"unix:{qemu_opt(run.qmp2_sock)},server=on,wait=off",
         "-pidfile", os.fspath(run.pidfile),
     ]
-    if spec.serial is not False:
+    if spec.serial is not False and oc:
+        argv += serial_socket_argv(run.root)
+    elif spec.serial is not False:
         log = run.serial_log if spec.serial is True else spec.serial
         argv += [
             "-chardev", f"file,id=serial0,path={qemu_opt(log)}",
@@ -190,7 +196,7 @@ def primary_argv(
     elif mem.backend_id != DEFAULT_BACKEND_ID:
         objects = ["-object", f"memory-backend-ram,id={mem.backend_id},size={mem.size_mib}M"]
         machine += f",memory-backend={mem.backend_id}"
-    argv = _common(spec, accel, binary, machine) + objects + _tail(spec, run)
+    argv = _common(spec, accel, binary, machine) + objects + _tail(spec, run, shadow=False)
     argv += disk_argv(spec.disks, "primary")
     if incoming:
         argv += ["-S", "-incoming", "defer"]

@@ -20,6 +20,7 @@ from typing import Any, Literal, cast, get_args
 
 from qmpshadow.disk.spec import DiskSpec, disks_from_list
 from qmpshadow.errors import ConfigError
+from qmpshadow.qemu.nics import NicSpec, nics_from_toml, output_commit_from_toml
 
 AccelName = Literal["auto", "kvm", "tcg"]
 MemoryBackendKind = Literal["ram", "file"]
@@ -106,6 +107,10 @@ class VmSpec:
     accel: AccelName = "auto"
     #: ``[[disks]]`` (docs/disks.md)
     disks: tuple[DiskSpec, ...] = ()
+    #: ``[[nics]]`` (qmpshadow.qemu.nics) and ``output_commit = "on"|"off"``: the primary's
+    #: network frames and serial bytes held until their epoch commits (docs/output-commit.md).
+    nics: tuple[NicSpec, ...] = ()
+    output_commit: bool = False
 
     def __post_init__(self) -> None:
         _check_id("name", self.name)
@@ -197,6 +202,10 @@ class VmSpec:
             kwargs["extra_args"] = tuple(extra)
         if "disks" in data:
             kwargs["disks"] = disks_from_list(data["disks"], base_dir)
+        if "nics" in data:
+            kwargs["nics"] = nics_from_toml(data["nics"])
+        if "output_commit" in data:
+            kwargs["output_commit"] = output_commit_from_toml(data["output_commit"])
         return cls(**kwargs)
 
     @classmethod
@@ -263,6 +272,10 @@ class VmSpec:
                 {"id": d.id, "path": str(d.path), "mode": d.mode}
                 | ({"shadow_path": str(d.shadow_path)} if d.shadow_path else {})
                 for d in self.disks]
+        if self.nics:
+            out["nics"] = [n.to_dict() for n in self.nics]
+        if self.output_commit:
+            out["output_commit"] = "on"
         return out
 
     def replace(self, **changes: Any) -> VmSpec:
@@ -277,7 +290,7 @@ class VmSpec:
 _TOP_KEYS = frozenset({
     "disks",
     "name", "memory", "vcpus", "machine", "cpu", "kernel", "kernel_args", "initrd",
-    "serial", "extra_args", "accel",
+    "serial", "extra_args", "accel", "nics", "output_commit",
 })
 _MEMORY_KEYS = frozenset({"size_mib", "backend", "backend_id", "mem_path"})
 

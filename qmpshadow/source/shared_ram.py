@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ class SharedRamSource:
         self.epoch_number = 0
         #: Wall-clock time of the STOP event of the last checkpoint (QEMU's timestamp).
         self.stopped_at: float | None = None
+        #: Called with the epoch's number while the primary is still stopped, once the
+        #: checkpoint succeeded (output commit seals the output it produced).
+        self.on_stopped: Callable[[int], None] | None = None
 
     async def open(self) -> None:
         """Map the RAM file, listen, set capabilities. Raises ConfigError, QmpError."""
@@ -231,6 +235,8 @@ class SharedRamSource:
                 held.set()
                 if release is not None:
                     await release.wait()
+            if self.on_stopped is not None:
+                self.on_stopped(self.epoch_number + 1)
             ok = True
         finally:
             if resume or not ok:
@@ -285,6 +291,8 @@ class SharedRamSource:
                 held.set()
                 if release is not None:
                     await release.wait()
+            if self.on_stopped is not None:
+                self.on_stopped(self.epoch_number + 1)
         finally:
             await qmp.cont()
         t1 = time.monotonic()

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Output commit: what holding the guest's frames until their epoch commits costs.
+
+One run, one private LAN (a network namespace with a bridge; the peer is the namespace's
+own stack), the Linux test guest (TCG, e1000, small RAM so the shared-RAM scan stays short)
+in ``lg.mode=serve``. For each configuration, a fresh primary:
+
+  none         no protection (the anchor)
+  oc-20/50/200 `qmpshadow protect` (shared-RAM source) + `qmpshadow shadow` on a unix link,
+               output_commit = "on", fixed epochs of 20, 50, 200 ms
+  oc-adaptive  the same with the adaptive policy (--epoch-min-ms 20 --epoch-max-ms 200)
+
+measured from the peer: ping RTT (``ping -i 0.1``), TCP throughput guest → peer (the peer
+reads what the guest's port 5001 sends) and peer → guest (the peer writes to port 5002;
+bytes counted once acknowledged: sent minus the socket's unacknowledged queue). Last line:
+
+  RESULT tcp_ratio_50ms=<lower of the two directions' ratio to none> rtt_ms_50ms=<avg>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GUEST = "10.77.0.2"
+
+
+def _cksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ping(count: int, interval: float, wait: float) -> None:
+    """Runs inside the namespace: ICMP echo (raw socket; the host has no ping binary), one
+    request every ``interval`` without waiting for replies; prints RTTs and losses."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.settimeout(0.01)
+    ident = 0x5153
+    sent: dict[int, float] = {}
+    rtts: dict[int, float] = {}
+    t_end = time.monotonic() + count * interval + wait
+    nxt = time.monotonic()
+    seq = 0
+    while time.monotonic() < t_end and len(rtts) < count:
+        if seq < count and time.monotonic() >= nxt:
+            body = struct.pack(">BBHHH", 8, 0, 0, ident, seq) + b"qmpshadow-bench"
+            body = body[:2] + _cksum(body).to_bytes(2, "big") + body[4:]
+            sent[seq] = time.monotonic()
+            s.sendto(body, (GUEST, 0))
+            seq += 1
+            nxt += interval
+        try:
+            pkt = s.recv(2048)
+        except TimeoutError:
+            continue
+        icmp = pkt[(pkt[0] & 0xF) * 4 :]
+        if len(icmp) >= 8 and icmp[0] == 0:
+            rid, rseq = struct.unpack_from(">HH", icmp, 4)
+            if rid == ident and rseq in sent and rseq not in rtts:
+                rtts[rseq] = (time.monotonic() - sent[rseq]) * 1000
+    print(json.dumps({"rtts": list(rtts.values()), "sent": seq}))
+
+
+def client(mode: str, seconds: float) -> None:
+    """Runs inside the namespace: one TCP measurement, prints {"mbit": ...}."""
+    s = socket.create_connection((GUEST, 5001 if mode == "from-guest" else 5002), timeout=10)
+    s.settimeout(2.0)
+    t0 = time.monotonic()
+    n = 0
+    if mode == "from-guest":
+        while (now := time.monotonic()) - t0 < seconds:
+            try:
+                n += len(s.recv(1 << 16))
+            except TimeoutError:
+                continue
+    else:
+        buf = b"\0" * (1 << 16)
+        while (now := time.monotonic()) - t0 < seconds:
+            try:
+                n += s.send(buf)
+            except TimeoutError:
+                continue
+        outq = fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        n -= int.from_bytes(outq, sys.byteorder)
+    print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n}))
+    s.close()
+
+
+async def ping_from(lan: Any, count: int, wait: float) -> dict[str, Any]:
+    """Pings from inside the namespace (this script's --client ping)."""
+    r = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client", "ping",
+                                             "--pings", str(count)],
+                                check=False, timeout=count * 0.1 + wait + 30)
+    try:
+        doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"rtts": [], "sent": count, "error": r.stderr[-300:]}
+    return doc
+
+
+async def measure(lan: Any, seconds: float, pings: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    doc = await ping_from(lan, pings, 3.0)
+    rtts = doc["rtts"]
+    out["rtt_ms"] = statistics.mean(rtts) if rtts else float("nan")
+    out["rtt_max_ms"] = max(rtts) if rtts else float("nan")
+    out["ping_loss_pct"] = 100.0 * (1 - len(rtts) / max(1, doc["sent"]))
+    for mode in ("from-guest", "to-guest"):
+        r = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client", mode,
+                                                 "--seconds", str(seconds)],
+                                    check=False, timeout=seconds + 60)
+        try:
+            out[mode] = float(json.loads(r.stdout.strip().splitlines()[-1])["mbit"])
+        except (ValueError, IndexError, KeyError):
+            print(f"  {mode}: measurement failed: {r.stdout[-300:]} {r.stderr[-300:]}")
+            out[mode] = 0.0
+    return out
+
+
+async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
+                     epoch: tuple[int, int] | None) -> dict[str, float]:
+    from qmpshadow.qemu.argv import RunPaths, primary_argv
+    from qmpshadow.qemu.process import QemuProcess
+    from qmpshadow.qemu.spec import VmSpec
+    from tests.faults.e2e import CLI, Agent
+    from tests.faults.test_output_commit import GUEST_ARGS, write_net_spec
+
+    tmp = root / name
+    tmp.mkdir()
+    spec_path = write_net_spec(tmp / "vm.toml", Path("/dev/shm") / f"qsbench-{root.name}-{name}",
+                               output_commit=epoch is not None, tag=f"b{len(name)}{name[-2:]}",
+                               mib=args.mib, kernel_args=f"{GUEST_ARGS} lg.mode=serve "
+                               "lg.mib=1 lg.delay=1")
+    spec = VmSpec.from_toml(spec_path)
+    run = RunPaths.create(tmp / "primary")
+    vm = QemuProcess(primary_argv(spec, run, accel="tcg"), run, name=name, die_with_parent=True)
+    await vm.start()
+    agents: list[Agent] = []
+    try:
+        await asyncio.to_thread(lan.attach, spec.nics[0].ifname)
+        if epoch is not None:
+            link = f"unix:{tmp / 'link.sock'}"
+            shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica",
+                            str(tmp / "replica"), "--listen", link, "--accel", "tcg", "--json"],
+                           tmp / "shadow.out")
+            agents.append(shadow)
+            await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+            source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
+                            str(run.qmp2_sock), "--to", link, "--interval", str(epoch[1]),
+                            "--epoch-min-ms", str(epoch[0]), "--epoch-max-ms", str(epoch[1]),
+                            "--json"], tmp / "source.out")
+            agents.append(source)
+            await shadow.wait_event(lambda e: e.get("event") == "committed"
+                                    and e["epoch"] >= 3, timeout=60)
+        # the guest serves once booted: wait until it answers
+        deadline = time.monotonic() + 120
+        while not (await ping_from(lan, 1, 2.0))["rtts"]:
+            if time.monotonic() > deadline:
+                tail = run.serial_log.read_text(errors="replace") if \
+                    run.serial_log.exists() else "(no serial log)"
+                tail = "\n".join(x for x in tail.splitlines() if "COUNTER" not in x)[-1500:]
+                raise RuntimeError(f"{name}: the guest never answered a ping; serial:\n{tail}")
+        await asyncio.sleep(2.0)  # its servers start right after the address
+        res = await measure(lan, args.seconds, args.pings)
+        if epoch is not None:
+            eps = [e for e in agents[1].events() if e.get("event") == "epoch"]
+            pauses = sorted(e["pause_ms"] for e in eps[-50:] if e.get("pause_ms"))
+            res["pause_ms"] = pauses[len(pauses) // 2] if pauses else float("nan")
+            res["epoch_ms_last"] = float(eps[-1].get("epoch_ms", 0)) if eps else float("nan")
+            lags = sorted(e["commit_lag_ms"] for e in eps[-50:] if e.get("commit_lag_ms"))
+            res["commit_lag_ms"] = lags[len(lags) // 2] if lags else float("nan")
+        return res
+    finally:
+        for a in agents:
+            a.close()
+        vm.kill()
+        await vm.wait()
+        Path(f"/dev/shm/qsbench-{root.name}-{name}").unlink(missing_ok=True)
+
+
+async def main(args: argparse.Namespace) -> int:
+    from qmpshadow.testing.lan import Lan
+
+    configs: list[tuple[str, tuple[int, int] | None]] = [
+        ("none", None), ("oc-20", (20, 20)), ("oc-50", (50, 50)), ("oc-200", (200, 200)),
+        ("oc-adaptive", (20, 200))]
+    if args.only:
+        configs = [c for c in configs if c[0] == "none" or c[0] in args.only.split(",")]
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="qsb-", dir="/tmp") as d, Lan.create() as lan:
+        for name, epoch in configs:
+            print(f"{name}: measuring ...", flush=True)
+            results[name] = await run_config(name, Path(d), lan, args, epoch)
+            print(f"  {json.dumps(results[name])}", flush=True)
+    base = results["none"]
+    print(f"\n{'config':<12} {'rtt ms':>8} {'loss %':>7} {'guest->peer':>12} {'ratio':>6} "
+          f"{'peer->guest':>12} {'ratio':>6} {'pause ms':>9} {'seal->ack ms':>12}")
+    for name, r in results.items():
+        rg = r["from-guest"] / base["from-guest"] if base["from-guest"] else float("nan")
+        rp = r["to-guest"] / base["to-guest"] if base["to-guest"] else float("nan")
+        print(f"{name:<12} {r['rtt_ms']:>8.1f} {r['ping_loss_pct']:>7.0f} "
+              f"{r['from-guest']:>8.1f} Mb/s {rg:>6.2f} {r['to-guest']:>8.1f} Mb/s {rp:>6.2f} "
+              f"{r.get('pause_ms', float('nan')):>9.1f} "
+              f"{r.get('commit_lag_ms', float('nan')):>12.1f}")
+    if "oc-50" not in results:
+        return 0
+    r50 = results["oc-50"]
+    ratio = min(r50["from-guest"] / base["from-guest"], r50["to-guest"] / base["to-guest"])
+    print(f"RESULT tcp_ratio_50ms={ratio:.2f} rtt_ms_50ms={r50['rtt_ms']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per TCP direction (5)")
+    ap.add_argument("--pings", type=int, default=30, help="pings per configuration (30)")
+    ap.add_argument("--mib", type=int, default=64, help="guest RAM in MiB (64)")
+    ap.add_argument("--only", help="comma-separated configurations besides none "
+                    "(oc-20,oc-50,oc-200,oc-adaptive); the RESULT line needs oc-50")
+    ap.add_argument("--client", choices=["from-guest", "to-guest", "ping"],
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.client == "ping":
+        ping(a.pings, 0.1, 3.0)
+        sys.exit(0)
+    if a.client:
+        client(a.client, a.seconds)
+        sys.exit(0)
+    sys.exit(asyncio.run(main(a)))
