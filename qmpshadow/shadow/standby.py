@@ -35,7 +35,7 @@ from qmpshadow.qemu.argv import QEMU_BINARY, RunPaths, shadow_argv
 from qmpshadow.qemu.process import QemuProcess, kill_and_wait
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.shadow.errors import PromotionError
-from qmpshadow.shadow.promotion import PromotionStream, TargetBlock, build_promotion_stream
+from qmpshadow.shadow.promotion import PromotionBuilder, PromotionStream, TargetBlock
 from qmpshadow.shadow.replica import Replica
 
 __all__ = ["INCOMING_SOCKET", "PromotionResult", "Standby", "StandbyState"]
@@ -143,6 +143,9 @@ class Standby:
         self._ready = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._prepared: tuple[tuple[int, int, int], PromotionStream] | None = None
+        # Reuses the checked small-block part between epochs: prepare() at a commit only
+        # composes the new device state (it runs inside a switchover's downtime).
+        self._builder = PromotionBuilder()
 
     # ------------------------------------------------------------------ properties
 
@@ -353,8 +356,8 @@ class Standby:
         return (replica.generation, replica.committed_epoch, replica.committed_digest)
 
     def _build(self, replica: Replica) -> PromotionStream:
-        return build_promotion_stream(replica, machine_type=self.machine_type,
-                                      target=self.ramblocks or None)
+        return self._builder.build(replica, machine_type=self.machine_type,
+                                   target=self.ramblocks or None)
 
     async def promote(self, replica: Replica, *, timeout: float = 10.0) -> PromotionResult:
         """Make the shadow QEMU run the guest from ``replica``'s committed epoch.
