@@ -279,7 +279,15 @@ def breakdown(res: dict[str, Any]) -> str:
     known = [float(res[k]) for k, _ in PIECES if isinstance(res.get(k), (int, float))]
     return (", ".join(f"{label} {res[key]:.1f}" if isinstance(res.get(key), (int, float))
                       else f"{label} ?" for key, label in PIECES)
-            + f", other {float(res['downtime_ms']) - sum(known):.1f} ms")
+            + f", other {float(res['downtime_ms']) - sum(known):.1f} ms"
+            + _prepare_note([res]))
+
+
+def _prepare_note(rs: list[dict[str, Any]]) -> str:
+    # the standby's prepare runs inside ship+commit (before the ack): shown, not summed
+    vals = [float(r["shadow_prepare_ms"]) for r in rs
+            if isinstance(r.get("shadow_prepare_ms"), (int, float))]
+    return f" (ship+commit includes prepare {statistics.median(vals):.1f} ms)" if vals else ""
 
 
 def median_breakdown(rs: list[dict[str, Any]]) -> str:
@@ -287,7 +295,7 @@ def median_breakdown(rs: list[dict[str, Any]]) -> str:
     for key, label in PIECES:
         vals = [float(r[key]) for r in rs if isinstance(r.get(key), (int, float))]
         out.append(f"{label} {statistics.median(vals):.1f}" if vals else f"{label} ?")
-    return ", ".join(out) + " ms"
+    return ", ".join(out) + " ms" + _prepare_note(rs)
 
 
 async def main(args: argparse.Namespace) -> int:

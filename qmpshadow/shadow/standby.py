@@ -68,7 +68,9 @@ class PromotionResult:
     """What a promotion did and how long each piece took (milliseconds).
 
     ``build_ms``: build + validate the stream (0 when :meth:`Standby.prepare` had built
-    it); ``connect_ms``: connect to the incoming socket; ``send_ms``: write all bytes;
+    it); ``prepare_ms``: what that :meth:`Standby.prepare` took (at the commit, before
+    the promotion; 0 when the stream was built here); ``connect_ms``: connect to the
+    incoming socket; ``send_ms``: write all bytes;
     ``load_ms``: last byte written until QEMU's MIGRATION ``completed`` event (its
     timestamp); ``handoff_ms``: from that event until ``cont`` is sent (event delivery,
     retiring the replica); ``resume_ms``: ``cont`` sent until QEMU's RESUME event (its timestamp:
@@ -85,6 +87,7 @@ class PromotionResult:
     stream_bytes: int
     replayed: bool
     build_ms: float
+    prepare_ms: float
     connect_ms: float
     send_ms: float
     load_ms: float
@@ -142,10 +145,10 @@ class Standby:
         self._proc: QemuProcess | None = None
         self._ready = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        self._prepared: tuple[tuple[int, int, int], PromotionStream] | None = None
+        self._prepared: tuple[tuple[int, int, int], PromotionStream, float] | None = None
         # Reuses the checked small-block part between epochs: prepare() at a commit only
         # composes the new device state (it runs inside a switchover's downtime).
-        self._builder = PromotionBuilder()
+        self.builder = PromotionBuilder()
 
     # ------------------------------------------------------------------ properties
 
@@ -347,8 +350,9 @@ class Standby:
         Raises:
             PromotionStreamError: as :func:`~qmpshadow.shadow.promotion.build_promotion_stream`.
         """
+        t0 = time.perf_counter()
         stream = self._build(replica)
-        self._prepared = (self._key(replica), stream)
+        self._prepared = (self._key(replica), stream, (time.perf_counter() - t0) * 1000.0)
         return stream
 
     @staticmethod
@@ -356,7 +360,7 @@ class Standby:
         return (replica.generation, replica.committed_epoch, replica.committed_digest)
 
     def _build(self, replica: Replica) -> PromotionStream:
-        return self._builder.build(replica, machine_type=self.machine_type,
+        return self.builder.build(replica, machine_type=self.machine_type,
                                    target=self.ramblocks or None)
 
     async def promote(self, replica: Replica, *, timeout: float = 10.0) -> PromotionResult:
@@ -385,6 +389,7 @@ class Standby:
         else:
             stream = self._build(replica)
         t1 = time.time()
+        used_prepared = prepared is not None and stream is prepared[1]
         proc = self.process
         qmp = proc.qmp
         self._state = StandbyState.PROMOTING
@@ -454,7 +459,8 @@ class Standby:
         result = PromotionResult(
             generation=stream.generation, epoch=stream.epoch, format=stream.format,
             stream_bytes=len(stream.data), replayed=stream.replayed,
-            build_ms=0.0 if prepared is not None and stream is prepared[1] else _ms(t0, t1),
+            build_ms=0.0 if used_prepared else _ms(t0, t1),
+            prepare_ms=round(prepared[2], 3) if prepared is not None and used_prepared else 0.0,
             connect_ms=_ms(t1, t2), send_ms=_ms(t2, t3), load_ms=_ms(t3, t_loaded),
             handoff_ms=_ms(t_loaded, t4c), resume_ms=_ms(t4c, t_resumed), cont_ms=_ms(t4c, t5),
             running_ms=_ms(t0, t_resumed), total_ms=_ms(t0, t5), resumed_at=t_resumed,
