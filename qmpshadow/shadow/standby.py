@@ -8,10 +8,11 @@ blocks (to refuse a promotion stream it could not load). A watcher task respawns
 whenever it exits (a refused incoming stream makes QEMU exit), with a backoff.
 
 :meth:`Standby.promote` builds and validates the promotion stream of the replica's
-committed epoch (nothing is sent when that fails), connects to the incoming socket, writes
-the stream, waits for the MIGRATION ``completed`` event, retires the replica (its RAM file
-now belongs to a running VM), sends ``cont`` and confirms the RESUME event. It
-returns a :class:`PromotionResult` with the time of each piece. From then on the QEMU is
+committed epoch (nothing is sent when that fails), writes it on the incoming connection
+(opened when the QEMU got ready, so not inside the promotion), waits for the MIGRATION
+``completed`` event, retires the replica (its RAM file now belongs to a running VM), sends
+``cont`` and confirms the RESUME event. It returns a :class:`PromotionResult` with the
+time of each piece. From then on the QEMU is
 the primary: the standby stops watching it and never respawns on that RAM file.
 
 Timing on QEMU 7.2.22 is in docs/shadow.md.
@@ -69,8 +70,8 @@ class PromotionResult:
 
     ``build_ms``: build + validate the stream (0 when :meth:`Standby.prepare` had built
     it); ``prepare_ms``: what that :meth:`Standby.prepare` took (at the commit, before
-    the promotion; 0 when the stream was built here); ``connect_ms``: connect to the
-    incoming socket; ``send_ms``: write all bytes;
+    the promotion; 0 when the stream was built here); ``connect_ms``: take the incoming
+    connection (~0: opened when the QEMU got ready; else connect now); ``send_ms``: write all bytes;
     ``load_ms``: last byte written until QEMU's MIGRATION ``completed`` event (its
     timestamp); ``handoff_ms``: from that event until ``cont`` is sent (event delivery,
     retiring the replica); ``resume_ms``: ``cont`` sent until QEMU's RESUME event (its timestamp:
@@ -149,6 +150,8 @@ class Standby:
         # Reuses the checked small-block part between epochs: prepare() at a commit only
         # composes the new device state (it runs inside a switchover's downtime).
         self.builder = PromotionBuilder()
+        # The incoming connection, opened as soon as the QEMU listens (see _spawn).
+        self._conn: asyncio.StreamWriter | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -263,10 +266,24 @@ class Standby:
             proc.kill()
             await proc.wait()
             raise
+        # Connect now rather than at promotion (which then only writes): QEMU accepts,
+        # starts its load coroutine and waits in it for the header without blocking its
+        # main loop (QMP answers on). A failure here only means promote() connects itself.
+        self._drop_conn()
+        try:
+            _, self._conn = await asyncio.open_unix_connection(str(self.incoming_socket))
+        except OSError as exc:
+            log.warning("%s: could not pre-connect to %s (%s); promotion will connect",
+                        self.name, self.incoming_socket, exc)
         self._state = StandbyState.READY
         self._ready.set()
         log.info("%s: shadow QEMU pid %d ready on %s", self.name, proc.pid,
                  self.incoming_socket)
+
+    def _drop_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     async def _watch(self) -> None:
         delay = self.respawn_delay
@@ -332,6 +349,7 @@ class Standby:
         if not promoted and self._proc is not None and self._proc.started:
             self._proc.kill()
             await self._proc.wait()
+        self._drop_conn()
 
     async def __aenter__(self) -> Standby:
         await self.start()
@@ -397,7 +415,10 @@ class Standby:
             since = qmp.last_event_seq
             try:
                 async with asyncio.timeout(timeout):
-                    _, writer = await asyncio.open_unix_connection(str(self.incoming_socket))
+                    writer, self._conn = self._conn, None
+                    if writer is None or writer.is_closing():
+                        _, writer = await asyncio.open_unix_connection(
+                            str(self.incoming_socket))
                     t2 = time.time()
                     try:
                         writer.write(stream.data)
