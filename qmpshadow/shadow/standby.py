@@ -25,6 +25,7 @@ import contextlib
 import enum
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 INCOMING_SOCKET = "incoming.sock"
 _MACHINE_SUFFIX = "-machine"
 _MAX_BACKOFF = 5.0
+#: SO_SNDBUF of the incoming connection (the kernel caps it at net.core.wmem_max).
+_SNDBUF = 1 << 20
 
 
 class StandbyState(enum.Enum):
@@ -272,6 +275,11 @@ class Standby:
         self._drop_conn()
         try:
             _, self._conn = await asyncio.open_unix_connection(str(self.incoming_socket))
+            # Room for a whole promotion stream (~270 KB; the default is ~208 KB): the
+            # write then completes at once and QEMU reads it without waiting for us.
+            sock = self._conn.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         except OSError as exc:
             log.warning("%s: could not pre-connect to %s (%s); promotion will connect",
                         self.name, self.incoming_socket, exc)
