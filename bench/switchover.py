@@ -287,7 +287,9 @@ def _prepare_note(rs: list[dict[str, Any]]) -> str:
     # the standby's prepare runs inside ship+commit (before the ack): shown, not summed
     vals = [float(r["shadow_prepare_ms"]) for r in rs
             if isinstance(r.get("shadow_prepare_ms"), (int, float))]
-    return f" (ship+commit includes prepare {statistics.median(vals):.1f} ms)" if vals else ""
+    reused = sum(1 for r in rs if r.get("shadow_prepare_reused") is True)
+    return (f" (ship+commit includes prepare {statistics.median(vals):.1f} ms, RAM part "
+            f"reused {reused}/{len(rs)})" if vals else "")
 
 
 def median_breakdown(rs: list[dict[str, Any]]) -> str:

@@ -73,8 +73,10 @@ class PromotionResult:
 
     ``build_ms``: build + validate the stream (0 when :meth:`Standby.prepare` had built
     it); ``prepare_ms``: what that :meth:`Standby.prepare` took (at the commit, before
-    the promotion; 0 when the stream was built here); ``connect_ms``: take the incoming
-    connection (~0: opened when the QEMU got ready; else connect now); ``send_ms``: write all bytes;
+    the promotion; 0 when the stream was built here), ``prepare_reused`` whether it reused
+    the previous epoch's checked RAM part (:class:`PromotionBuilder`); ``connect_ms``:
+    take the incoming connection (~0: opened when the QEMU got ready; else connect now);
+    ``send_ms``: write all bytes;
     ``load_ms``: last byte written until QEMU's MIGRATION ``completed`` event (its
     timestamp); ``handoff_ms``: from that event until ``cont`` is sent (event delivery,
     retiring the replica); ``resume_ms``: ``cont`` sent until QEMU's RESUME event (its timestamp:
@@ -92,6 +94,7 @@ class PromotionResult:
     replayed: bool
     build_ms: float
     prepare_ms: float
+    prepare_reused: bool
     connect_ms: float
     send_ms: float
     load_ms: float
@@ -149,7 +152,7 @@ class Standby:
         self._proc: QemuProcess | None = None
         self._ready = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        self._prepared: tuple[tuple[int, int, int], PromotionStream, float] | None = None
+        self._prepared: tuple[tuple[int, int, int], PromotionStream, float, bool] | None = None
         # Reuses the checked small-block part between epochs: prepare() at a commit only
         # composes the new device state (it runs inside a switchover's downtime).
         self.builder = PromotionBuilder()
@@ -377,8 +380,10 @@ class Standby:
             PromotionStreamError: as :func:`~qmpshadow.shadow.promotion.build_promotion_stream`.
         """
         t0 = time.perf_counter()
+        hits = self.builder.hits
         stream = self._build(replica)
-        self._prepared = (self._key(replica), stream, (time.perf_counter() - t0) * 1000.0)
+        self._prepared = (self._key(replica), stream, (time.perf_counter() - t0) * 1000.0,
+                          self.builder.hits > hits)
         return stream
 
     @staticmethod
@@ -490,6 +495,7 @@ class Standby:
             stream_bytes=len(stream.data), replayed=stream.replayed,
             build_ms=0.0 if used_prepared else _ms(t0, t1),
             prepare_ms=round(prepared[2], 3) if prepared is not None and used_prepared else 0.0,
+            prepare_reused=prepared is not None and used_prepared and prepared[3],
             connect_ms=_ms(t1, t2), send_ms=_ms(t2, t3), load_ms=_ms(t3, t_loaded),
             handoff_ms=_ms(t_loaded, t4c), resume_ms=_ms(t4c, t_resumed), cont_ms=_ms(t4c, t5),
             running_ms=_ms(t0, t_resumed), total_ms=_ms(t0, t5), resumed_at=t_resumed,

@@ -290,6 +290,7 @@ async def test_failover_continues_the_guest(
             assert result.replayed is (fmt is DeviceStateFormat.IGNORE_SHARED_STREAM)
             if fmt is DeviceStateFormat.QEMU_SECTIONS:
                 assert result.build_ms == 0.0 and result.prepare_ms > 0.0
+                assert result.prepare_reused
                 # the QEMU loaded a stream whose RAM part came from the epoch-1 prepare
                 assert (standby.builder.hits, standby.builder.misses) == (1, 1)
             status = await standby.process.qmp.query_status()
