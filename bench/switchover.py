@@ -33,7 +33,9 @@ the switchover, from exactly the final epoch (lost_epochs=0).
 Last line: RESULT switchover_move_ms=X migrate_move_ms=Y switchover_downtime_ms=Z
 migrate_downtime_ms=W (medians). Targets: X <= 0.1*Y, Z <= 1.5*W. The switchover's
 downtime is also split into its consecutive pieces (stop+capture, ship+commit, release,
-the shadow's stream build, send, load, handoff, cont), per move and as medians.
+the shadow's stream build, connect, send, load, handoff, cont), per move and as medians,
+with the standby's promotion-stream prepare that ship+commit includes (and in how many
+moves it reused the previous epoch's checked small-block part).
 """
 
 from __future__ import annotations
