@@ -33,7 +33,9 @@ the switchover, from exactly the final epoch (lost_epochs=0).
 Last line: RESULT switchover_move_ms=X migrate_move_ms=Y switchover_downtime_ms=Z
 migrate_downtime_ms=W (medians). Targets: X <= 0.1*Y, Z <= 1.5*W. The switchover's
 downtime is also split into its consecutive pieces (stop+capture, ship+commit, release,
-the shadow's stream build, send, load, handoff, cont), per move and as medians.
+the shadow's stream build, connect, send, load, handoff, cont), per move and as medians,
+with the standby's promotion-stream prepare that ship+commit includes (and in how many
+moves it reused the previous epoch's checked small-block part).
 """
 
 from __future__ import annotations
@@ -279,7 +281,17 @@ def breakdown(res: dict[str, Any]) -> str:
     known = [float(res[k]) for k, _ in PIECES if isinstance(res.get(k), (int, float))]
     return (", ".join(f"{label} {res[key]:.1f}" if isinstance(res.get(key), (int, float))
                       else f"{label} ?" for key, label in PIECES)
-            + f", other {float(res['downtime_ms']) - sum(known):.1f} ms")
+            + f", other {float(res['downtime_ms']) - sum(known):.1f} ms"
+            + _prepare_note([res]))
+
+
+def _prepare_note(rs: list[dict[str, Any]]) -> str:
+    # the standby's prepare runs inside ship+commit (before the ack): shown, not summed
+    vals = [float(r["shadow_prepare_ms"]) for r in rs
+            if isinstance(r.get("shadow_prepare_ms"), (int, float))]
+    reused = sum(1 for r in rs if r.get("shadow_prepare_reused") is True)
+    return (f" (ship+commit includes prepare {statistics.median(vals):.1f} ms, RAM part "
+            f"reused {reused}/{len(rs)})" if vals else "")
 
 
 def median_breakdown(rs: list[dict[str, Any]]) -> str:
@@ -287,7 +299,7 @@ def median_breakdown(rs: list[dict[str, Any]]) -> str:
     for key, label in PIECES:
         vals = [float(r[key]) for r in rs if isinstance(r.get(key), (int, float))]
         out.append(f"{label} {statistics.median(vals):.1f}" if vals else f"{label} ?")
-    return ", ".join(out) + " ms"
+    return ", ".join(out) + " ms" + _prepare_note(rs)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -572,7 +572,9 @@ async def run_shadow(*, spec: VmSpec, replica_dir: Path, listen: Endpoint, sec: 
             result = await standby.promote(replica)
             doc = {"event": "promoted", "epoch": result.epoch, "total_ms": result.total_ms,
                    "load_ms": result.load_ms, "running_ms": result.running_ms,
-                   "build_ms": result.build_ms, "connect_ms": result.connect_ms,
+                   "build_ms": result.build_ms, "prepare_ms": result.prepare_ms,
+                   "prepare_reused": result.prepare_reused,
+                   "connect_ms": result.connect_ms,
                    "send_ms": result.send_ms,
                    "handoff_ms": result.handoff_ms, "resume_ms": result.resume_ms,
                    "resumed_at": result.resumed_at, "pid": result.pid,

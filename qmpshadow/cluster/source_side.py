@@ -670,6 +670,9 @@ class SourceCluster:
             "release_ms": _ms_between(committed_at, f.get("decided_at")),
             "shadow_promote_ms": _ms_between(f.get("decided_at"), resumed_at),
             "shadow_build_ms": f.get("build_ms"), "shadow_connect_ms": f.get("connect_ms"),
+            # part of commit_ms: the shadow's prepare of the final epoch's stream
+            "shadow_prepare_ms": f.get("prepare_ms"),
+            "shadow_prepare_reused": f.get("prepare_reused"),
             "shadow_send_ms": f.get("send_ms"),
             "shadow_load_ms": f.get("load_ms"), "shadow_handoff_ms": f.get("handoff_ms"),
             "shadow_resume_ms": f.get("resume_ms"),

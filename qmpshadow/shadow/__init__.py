@@ -19,6 +19,7 @@ from qmpshadow.shadow.errors import (
     ReplicaError,
 )
 from qmpshadow.shadow.promotion import (
+    PromotionBuilder,
     PromotionStream,
     TargetBlock,
     build_promotion_stream,
@@ -29,6 +30,7 @@ from qmpshadow.shadow.standby import PromotionResult, Standby, StandbyState
 
 __all__ = [
     "CommittedDeviceState",
+    "PromotionBuilder",
     "PromotionError",
     "PromotionResult",
     "PromotionStream",

@@ -8,10 +8,11 @@ blocks (to refuse a promotion stream it could not load). A watcher task respawns
 whenever it exits (a refused incoming stream makes QEMU exit), with a backoff.
 
 :meth:`Standby.promote` builds and validates the promotion stream of the replica's
-committed epoch (nothing is sent when that fails), connects to the incoming socket, writes
-the stream, waits for the MIGRATION ``completed`` event, retires the replica (its RAM file
-now belongs to a running VM), sends ``cont`` and confirms the RESUME event. It
-returns a :class:`PromotionResult` with the time of each piece. From then on the QEMU is
+committed epoch (nothing is sent when that fails), writes it on the incoming connection
+(opened when the QEMU got ready, so not inside the promotion), waits for the MIGRATION
+``completed`` event, retires the replica (its RAM file now belongs to a running VM), sends
+``cont`` and confirms the RESUME event. It returns a :class:`PromotionResult` with the
+time of each piece. From then on the QEMU is
 the primary: the standby stops watching it and never respawns on that RAM file.
 
 Timing on QEMU 7.2.22 is in docs/shadow.md.
@@ -24,6 +25,7 @@ import contextlib
 import enum
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from qmpshadow.qemu.argv import QEMU_BINARY, RunPaths, shadow_argv
 from qmpshadow.qemu.process import QemuProcess, kill_and_wait
 from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.shadow.errors import PromotionError
-from qmpshadow.shadow.promotion import PromotionStream, TargetBlock, build_promotion_stream
+from qmpshadow.shadow.promotion import PromotionBuilder, PromotionStream, TargetBlock
 from qmpshadow.shadow.replica import Replica
 
 __all__ = ["INCOMING_SOCKET", "PromotionResult", "Standby", "StandbyState"]
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 INCOMING_SOCKET = "incoming.sock"
 _MACHINE_SUFFIX = "-machine"
 _MAX_BACKOFF = 5.0
+#: SO_SNDBUF of the incoming connection (the kernel caps it at net.core.wmem_max).
+_SNDBUF = 1 << 20
 
 
 class StandbyState(enum.Enum):
@@ -68,7 +72,11 @@ class PromotionResult:
     """What a promotion did and how long each piece took (milliseconds).
 
     ``build_ms``: build + validate the stream (0 when :meth:`Standby.prepare` had built
-    it); ``connect_ms``: connect to the incoming socket; ``send_ms``: write all bytes;
+    it); ``prepare_ms``: what that :meth:`Standby.prepare` took (at the commit, before
+    the promotion; 0 when the stream was built here), ``prepare_reused`` whether it reused
+    the previous epoch's checked RAM part (:class:`PromotionBuilder`); ``connect_ms``:
+    take the incoming connection (~0: opened when the QEMU got ready; else connect now);
+    ``send_ms``: write all bytes;
     ``load_ms``: last byte written until QEMU's MIGRATION ``completed`` event (its
     timestamp); ``handoff_ms``: from that event until ``cont`` is sent (event delivery,
     retiring the replica); ``resume_ms``: ``cont`` sent until QEMU's RESUME event (its timestamp:
@@ -85,6 +93,8 @@ class PromotionResult:
     stream_bytes: int
     replayed: bool
     build_ms: float
+    prepare_ms: float
+    prepare_reused: bool
     connect_ms: float
     send_ms: float
     load_ms: float
@@ -142,7 +152,12 @@ class Standby:
         self._proc: QemuProcess | None = None
         self._ready = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        self._prepared: tuple[tuple[int, int, int], PromotionStream] | None = None
+        self._prepared: tuple[tuple[int, int, int], PromotionStream, float, bool] | None = None
+        # Reuses the checked small-block part between epochs: prepare() at a commit only
+        # composes the new device state (it runs inside a switchover's downtime).
+        self.builder = PromotionBuilder()
+        # The incoming connection, opened as soon as the QEMU listens (see _spawn).
+        self._conn: asyncio.StreamWriter | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -257,10 +272,29 @@ class Standby:
             proc.kill()
             await proc.wait()
             raise
+        # Connect now rather than at promotion (which then only writes): QEMU accepts,
+        # starts its load coroutine and waits in it for the header without blocking its
+        # main loop (QMP answers on). A failure here only means promote() connects itself.
+        self._drop_conn()
+        try:
+            _, self._conn = await asyncio.open_unix_connection(str(self.incoming_socket))
+            # Room for a whole promotion stream (~270 KB; the default is ~208 KB): the
+            # write then completes at once and QEMU reads it without waiting for us.
+            sock = self._conn.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        except OSError as exc:
+            log.warning("%s: could not pre-connect to %s (%s); promotion will connect",
+                        self.name, self.incoming_socket, exc)
         self._state = StandbyState.READY
         self._ready.set()
         log.info("%s: shadow QEMU pid %d ready on %s", self.name, proc.pid,
                  self.incoming_socket)
+
+    def _drop_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     async def _watch(self) -> None:
         delay = self.respawn_delay
@@ -326,6 +360,7 @@ class Standby:
         if not promoted and self._proc is not None and self._proc.started:
             self._proc.kill()
             await self._proc.wait()
+        self._drop_conn()
 
     async def __aenter__(self) -> Standby:
         await self.start()
@@ -344,8 +379,11 @@ class Standby:
         Raises:
             PromotionStreamError: as :func:`~qmpshadow.shadow.promotion.build_promotion_stream`.
         """
+        t0 = time.perf_counter()
+        hits = self.builder.hits
         stream = self._build(replica)
-        self._prepared = (self._key(replica), stream)
+        self._prepared = (self._key(replica), stream, (time.perf_counter() - t0) * 1000.0,
+                          self.builder.hits > hits)
         return stream
 
     @staticmethod
@@ -353,8 +391,8 @@ class Standby:
         return (replica.generation, replica.committed_epoch, replica.committed_digest)
 
     def _build(self, replica: Replica) -> PromotionStream:
-        return build_promotion_stream(replica, machine_type=self.machine_type,
-                                      target=self.ramblocks or None)
+        return self.builder.build(replica, machine_type=self.machine_type,
+                                   target=self.ramblocks or None)
 
     async def promote(self, replica: Replica, *, timeout: float = 10.0) -> PromotionResult:
         """Make the shadow QEMU run the guest from ``replica``'s committed epoch.
@@ -382,6 +420,7 @@ class Standby:
         else:
             stream = self._build(replica)
         t1 = time.time()
+        used_prepared = prepared is not None and stream is prepared[1]
         proc = self.process
         qmp = proc.qmp
         self._state = StandbyState.PROMOTING
@@ -389,7 +428,10 @@ class Standby:
             since = qmp.last_event_seq
             try:
                 async with asyncio.timeout(timeout):
-                    _, writer = await asyncio.open_unix_connection(str(self.incoming_socket))
+                    writer, self._conn = self._conn, None
+                    if writer is None or writer.is_closing():
+                        _, writer = await asyncio.open_unix_connection(
+                            str(self.incoming_socket))
                     t2 = time.time()
                     try:
                         writer.write(stream.data)
@@ -451,7 +493,9 @@ class Standby:
         result = PromotionResult(
             generation=stream.generation, epoch=stream.epoch, format=stream.format,
             stream_bytes=len(stream.data), replayed=stream.replayed,
-            build_ms=0.0 if prepared is not None and stream is prepared[1] else _ms(t0, t1),
+            build_ms=0.0 if used_prepared else _ms(t0, t1),
+            prepare_ms=round(prepared[2], 3) if prepared is not None and used_prepared else 0.0,
+            prepare_reused=prepared is not None and used_prepared and prepared[3],
             connect_ms=_ms(t1, t2), send_ms=_ms(t2, t3), load_ms=_ms(t3, t_loaded),
             handoff_ms=_ms(t_loaded, t4c), resume_ms=_ms(t4c, t_resumed), cont_ms=_ms(t4c, t5),
             running_ms=_ms(t0, t_resumed), total_ms=_ms(t0, t5), resumed_at=t_resumed,

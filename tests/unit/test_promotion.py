@@ -37,6 +37,7 @@ from qmpshadow.migstream.image import RamImage
 from qmpshadow.migstream.writer import device_section_bytes
 from qmpshadow.shadow.errors import PromotionStreamError
 from qmpshadow.shadow.promotion import (
+    PromotionBuilder,
     PromotionStream,
     TargetBlock,
     build_promotion_stream,
@@ -302,6 +303,47 @@ def test_stored_stream_missing_page() -> None:
     r.small = short
     with pytest.raises(PromotionStreamError, match="no page at offset 0x1000 of small block"):
         build_promotion_stream(r)
+
+
+def test_builder_reuses_the_checked_small_blocks_only_while_they_are_unchanged() -> None:
+    """PromotionBuilder: the same streams as build_promotion_stream, epoch after epoch,
+    recomposing and rechecking the small-block part only when its inputs changed."""
+    b = PromotionBuilder()
+    r = sections_replica()
+    assert b.build(r) == build_promotion_stream(r)
+    assert (b.hits, b.misses) == (0, 1)
+    # next epoch: new device state, same small blocks -> the prefix is reused
+    devs = [replace(d, payload=d.payload + b"\x01") for d in devices()]
+    r.device_state = CommittedDeviceState(DeviceStateFormat.QEMU_SECTIONS, sections_blob(devs))
+    r.committed_epoch = 6
+    got = b.build(r)
+    assert got == build_promotion_stream(r) and got.epoch == 6
+    assert [e for e in parse(got.data) if isinstance(e, DeviceSection)] == devs
+    assert (b.hits, b.misses) == (1, 1)
+    # a changed small-block page, a device id taking the RAM section's id, another
+    # machine type or target: composed and checked in full again
+    page = bytearray(r.small["pc.rom"])
+    page[5] ^= 0xFF
+    r.small = {**r.small, "pc.rom": bytes(page)}
+    assert b.build(r) == build_promotion_stream(r)
+    moved = [replace(d, section_id=2) if i == 0 else d for i, d in enumerate(devs)]
+    r.device_state = CommittedDeviceState(DeviceStateFormat.QEMU_SECTIONS,
+                                          sections_blob(moved))
+    assert b.build(r) == build_promotion_stream(r)
+    assert b.build(r, target=_target()) == build_promotion_stream(r, target=_target())
+    assert (b.hits, b.misses) == (1, 4)
+    # refusals stay refusals with a cached prefix
+    with pytest.raises(PromotionStreamError, match=re.escape("shadow QEMU runs 'pc-q35-7.2'")):
+        b.build(r, machine_type="pc-q35-7.2")
+    r.device_state = CommittedDeviceState(DeviceStateFormat.QEMU_SECTIONS, b"\x00")
+    with pytest.raises(PromotionStreamError, match="0 device sections"):
+        b.build(r, target=_target())
+    with pytest.raises(PromotionStreamError, match="without an EOF"):
+        b.build(FakeReplica(device_state=CommittedDeviceState(
+            DeviceStateFormat.QEMU_SECTIONS, sections_blob()[:-1])))
+    # a stored x-ignore-shared stream is replayed as before
+    sr = stream_replica()
+    assert b.build(sr) == build_promotion_stream(sr)
 
 
 # --------------------------------------------------------------------------- target blocks
