@@ -78,9 +78,9 @@ async def test_cli_kill_primary_with_disk(launch_vm: LaunchVm, short_tmp: Path,
     source = source_agent(spec_path, vm.run.qmp2_sock, link, short_tmp / "source.out", cargs)
     promoted_pid = None
     try:
-        await shadow.wait_event(lambda e: e.get("event") == "shadow-ready")
+        await shadow.wait_event(lambda e: e.get("event") == "shadow-ready", also=[source])
         await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 4,
-                                timeout=60)
+                                timeout=60, also=[source])
         await asyncio.sleep(random.uniform(0.05, 0.4))  # a random point of the cycle
         vm.kill()
         await vm.wait()
