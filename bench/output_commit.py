@@ -238,7 +238,8 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
     spec_path = write_net_spec(tmp / "vm.toml", Path("/dev/shm") / f"qsbench-{root.name}-{name}",
                                output_commit=epoch is not None, tag=f"b{len(name)}{name[-2:]}",
                                mib=args.mib, kernel_args=f"{GUEST_ARGS} lg.mode=serve "
-                               f"lg.mib=1 lg.delay=1 lg.tcpbuf={args.tcp_buf}")
+                               f"lg.mib=1 lg.delay=1 lg.tcpbuf={args.tcp_buf} "
+                               f"lg.hystart={0 if args.no_hystart else 1}")
     spec = VmSpec.from_toml(spec_path)
     run = RunPaths.create(tmp / "primary")
     vm = QemuProcess(primary_argv(spec, run, accel="tcg"), run, name=name, die_with_parent=True)
@@ -308,7 +309,8 @@ async def main(args: argparse.Namespace) -> int:
                                         ).stdout.strip()
         print(f"peer congestion control: {cc}; guest TCP buffers: "
               f"{args.tcp_buf or 'kernel default'}; tap txqueuelen: "
-              f"{args.tap_qlen or 'default'}", flush=True)
+              f"{args.tap_qlen or 'default'}; guest HyStart: "
+              f"{'off' if args.no_hystart else 'on'}", flush=True)
         for name, epoch in configs:
             print(f"{name}: measuring ...", flush=True)
             results[name] = await run_config(name, Path(d), lan, args, epoch)
@@ -337,16 +339,20 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per TCP direction (5)")
     ap.add_argument("--pings", type=int, default=30, help="pings per configuration (30)")
-    ap.add_argument("--mib", type=int, default=64, help="guest RAM in MiB (64)")
+    ap.add_argument("--mib", type=int, default=96, help="guest RAM in MiB (96: the Linux "
+                    "guest prints nothing with 64)")
     ap.add_argument("--only", help="comma-separated configurations besides none "
                     "(oc-20,oc-50,oc-200,oc-adaptive); the RESULT line needs oc-50")
     ap.add_argument("--tcp-buf", type=int, default=8 << 20, help="the guest's largest TCP "
                     "buffer in bytes, anchor and protected runs alike (8 MiB; 0: the kernel's "
                     "default, ~288 KiB for 96 MiB of RAM)")
-    ap.add_argument("--peer-cc", default="", help="the peer's TCP congestion control, "
-                    "set per socket (default: what the namespace inherits from the host)")
-    ap.add_argument("--tap-qlen", type=int, default=0, help="the tap's txqueuelen, the "
-                    "frames queued towards the guest while it is stopped (default: 1000)")
+    ap.add_argument("--hystart", dest="no_hystart", action="store_false", help="keep the "
+                    "guest's CUBIC HyStart on (default: off, anchor and protected runs alike)")
+    ap.add_argument("--peer-cc", default="cubic", help="the peer's TCP congestion control, "
+                    "set per socket ('cubic'; '': what the namespace inherits from the host)")
+    ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
+                    "frames queued towards the guest while it is stopped (10000; 0: the "
+                    "kernel's 1000)")
     ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti, peer and "
                     "guest TCP counters (retransmits, losses, drops) and the tap's ip -s link")
     ap.add_argument("--client", choices=["from-guest", "to-guest", "ping", "stats"],
