@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GUEST = "10.77.0.2"
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; the socket module does not name them
 
 
 def _cksum(data: bytes) -> int:
@@ -80,11 +81,16 @@ def ping(count: int, interval: float, wait: float) -> None:
     print(json.dumps({"rtts": list(rtts.values()), "sent": seq}))
 
 
-def client(mode: str, seconds: float, diag: bool = False, cc: str = "") -> None:
+def client(mode: str, seconds: float, diag: bool = False, cc: str = "",
+           sock_buf: int = 0) -> None:
     """Runs inside the namespace: one TCP measurement, prints {"mbit": ...}."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if cc:  # per socket: this host's /proc/sys is read-only in the namespace
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+    if sock_buf:  # the *FORCE variants pass net.core.[rw]mem_max (root); before connect,
+        # so that the window scale covers it
+        s.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE if mode == "to-guest"
+                     else _SO_RCVBUFFORCE, sock_buf)
     s.settimeout(10)
     s.connect((GUEST, 5001 if mode == "from-guest" else 5002))
     s.settimeout(2.0)
@@ -196,7 +202,7 @@ async def ping_from(lan: Any, count: int, wait: float) -> dict[str, Any]:
 
 
 async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
-                  tap: str = "", cc: str = "") -> dict[str, float]:
+                  tap: str = "", cc: str = "", buf: int = 0) -> dict[str, float]:
     out: dict[str, float] = {}
     doc = await ping_from(lan, pings, 3.0)
     rtts = doc["rtts"]
@@ -208,7 +214,7 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
         r = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client", mode,
                                                  "--seconds", str(seconds),
                                                  *(["--diag"] if diag else []),
-                                                 "--peer-cc", cc],
+                                                 "--peer-cc", cc, "--peer-buf", str(buf)],
                                     check=False, timeout=seconds + 60)
         try:
             doc = json.loads(r.stdout.strip().splitlines()[-1])
@@ -274,7 +280,7 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
                 raise RuntimeError(f"{name}: the guest never answered a ping; serial:\n{tail}")
         await asyncio.sleep(2.0)  # its servers start right after the address
         res = await measure(lan, args.seconds, args.pings, args.diag, spec.nics[0].ifname,
-                            args.peer_cc)
+                            args.peer_cc, args.peer_buf)
         if epoch is not None:
             eps = [e for e in agents[1].events() if e.get("event") == "epoch"]
             pauses = sorted(e["pause_ms"] for e in eps[-50:] if e.get("pause_ms"))
@@ -308,7 +314,8 @@ async def main(args: argparse.Namespace) -> int:
         cc = args.peer_cc or lan.ns.run(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]
                                         ).stdout.strip()
         print(f"peer congestion control: {cc}; guest TCP buffers: "
-              f"{args.tcp_buf or 'kernel default'}; tap txqueuelen: "
+              f"{args.tcp_buf or 'kernel default'}; peer socket buffer: "
+              f"{args.peer_buf or 'autotuned'}; tap txqueuelen: "
               f"{args.tap_qlen or 'default'}; guest HyStart: "
               f"{'off' if args.no_hystart else 'on'}", flush=True)
         for name, epoch in configs:
@@ -350,6 +357,9 @@ if __name__ == "__main__":
                     "guest's CUBIC HyStart on (default: off, anchor and protected runs alike)")
     ap.add_argument("--peer-cc", default="cubic", help="the peer's TCP congestion control, "
                     "set per socket ('cubic'; '': what the namespace inherits from the host)")
+    ap.add_argument("--peer-buf", type=int, default=16 << 20, help="the peer socket's "
+                    "send (peer -> guest) or receive (guest -> peer) buffer in bytes, fixed "
+                    "(16 MiB; 0: the kernel's autotuning, at most 4 MiB sending)")
     ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
                     "frames queued towards the guest while it is stopped (10000; 0: the "
                     "kernel's 1000)")
@@ -365,6 +375,6 @@ if __name__ == "__main__":
         guest_stats()
         sys.exit(0)
     if a.client:
-        client(a.client, a.seconds, a.diag, a.peer_cc)
+        client(a.client, a.seconds, a.diag, a.peer_cc, a.peer_buf)
         sys.exit(0)
     sys.exit(asyncio.run(main(a)))
