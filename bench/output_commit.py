@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import itertools
 import json
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import termios
@@ -36,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GUEST = "10.77.0.2"
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; the socket module does not name them
 
 
 def _cksum(data: bytes) -> int:
@@ -78,14 +81,26 @@ def ping(count: int, interval: float, wait: float) -> None:
     print(json.dumps({"rtts": list(rtts.values()), "sent": seq}))
 
 
-def client(mode: str, seconds: float) -> None:
+def client(mode: str, seconds: float, diag: bool = False, cc: str = "",
+           sock_buf: int = 0) -> None:
     """Runs inside the namespace: one TCP measurement, prints {"mbit": ...}."""
-    s = socket.create_connection((GUEST, 5001 if mode == "from-guest" else 5002), timeout=10)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if cc:  # per socket: this host's /proc/sys is read-only in the namespace
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+    if sock_buf:  # the *FORCE variants pass net.core.[rw]mem_max (root); before connect,
+        # so that the window scale covers it
+        s.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE if mode == "to-guest"
+                     else _SO_RCVBUFFORCE, sock_buf)
+    s.settimeout(10)
+    s.connect((GUEST, 5001 if mode == "from-guest" else 5002))
     s.settimeout(2.0)
     t0 = time.monotonic()
     n = 0
+    ss_at, ss_out = t0 + seconds * 0.8, ""
     if mode == "from-guest":
         while (now := time.monotonic()) - t0 < seconds:
+            if diag and not ss_out and now >= ss_at:
+                ss_out = _ss()
             try:
                 n += len(s.recv(1 << 16))
             except TimeoutError:
@@ -93,14 +108,85 @@ def client(mode: str, seconds: float) -> None:
     else:
         buf = b"\0" * (1 << 16)
         while (now := time.monotonic()) - t0 < seconds:
+            if diag and not ss_out and now >= ss_at:
+                ss_out = _ss()
             try:
                 n += s.send(buf)
             except TimeoutError:
                 continue
         outq = fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         n -= int.from_bytes(outq, sys.byteorder)
-    print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n}))
+    print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n, "ss": ss_out}))
     s.close()
+
+
+def _ss() -> str:
+    """The peer's view of the measured connection (``ss -tin``, --diag): cwnd, rtt,
+    the peer's send window, rwnd_limited / sndbuf_limited, retransmits."""
+    r = subprocess.run(["ss", "-tin", "dst", GUEST], capture_output=True, text=True,
+                       check=False)
+    return " ".join(r.stdout.split())
+
+
+def guest_stats() -> None:
+    """Runs inside the namespace: prints the guest's port 5003 (its /proc/net/snmp,
+    netstat, dev and tcp_* sysctls)."""
+    s = socket.create_connection((GUEST, 5003), timeout=10)
+    s.settimeout(10)
+    chunks = []
+    while data := s.recv(1 << 16):
+        chunks.append(data)
+    print(b"".join(chunks).decode(errors="replace"))
+
+
+def _counters(text: str) -> dict[str, int]:
+    """``Proto: names`` / ``Proto: values`` line pairs (/proc/net/snmp, netstat) and
+    ``nstat -az`` lines → {"TcpExtTCPLostRetransmit": n, ...}."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for a, b in itertools.pairwise(lines):
+        ha, _, ra = a.partition(":")
+        hb, _, rb = b.partition(":")
+        if ha == hb and ra and not ra.split()[0].lstrip("-").isdigit():
+            for k, v in zip(ra.split(), rb.split(), strict=False):
+                if v.lstrip("-").isdigit():
+                    out[ha + k] = int(v)
+    for line in lines:
+        f = line.split()
+        if len(f) >= 2 and f[0][:1].isalpha() and f[1].isdigit() and ":" not in f[0]:
+            out.setdefault(f[0], int(f[1]))
+    return out
+
+
+_DIAG_KEYS = ("TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPLossProbes",
+              "TcpExtTCPTimeouts", "TcpExtTCPSackRecovery", "TcpExtTCPFastRetrans",
+              "TcpExtTCPBacklogDrop", "TcpExtTCPRcvQDrop", "TcpExtTCPOFOQueue",
+              "TcpExtTCPOFODrop", "TcpExtPruneCalled", "TcpExtTCPRcvCollapsed",
+              "TcpExtTCPDSACKRecv", "TcpExtTCPDSACKOldSent", "TcpExtTCPSpuriousRTOs",
+              "IpExtInNoRoutes", "TcpInSegs", "TcpOutSegs", "TcpExtTCPWantZeroWindowAdv",
+              "TcpExtTCPFromZeroWindowAdv", "TcpExtTCPToZeroWindowAdv")
+
+
+async def snapshot(lan: Any, tap: str) -> dict[str, Any]:
+    """--diag: the peer's nstat, the guest's counters, the tap's ip -s link."""
+    peer = await asyncio.to_thread(lan.ns.run, ["nstat", "-az"], check=False, timeout=20)
+    guest = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client",
+                                                 "stats"], check=False, timeout=30)
+    link = await asyncio.to_thread(lan.ns.run, ["ip", "-s", "-s", "link", "show", tap],
+                                   check=False, timeout=20)
+    g = _counters(guest.stdout)
+    sysctl = {x.split()[0]: " ".join(x.split()[1:]) for x in guest.stdout.splitlines()
+              if x.startswith("tcp_")}
+    return {"peer": _counters(peer.stdout), "guest": g, "sysctl": sysctl,
+            "link": " ".join(link.stdout.split())}
+
+
+def print_diff(tag: str, a: dict[str, Any], b: dict[str, Any]) -> None:
+    for side in ("peer", "guest"):
+        d = {k: b[side].get(k, 0) - a[side].get(k, 0) for k in _DIAG_KEYS}
+        print(f"    {tag} {side}: " + " ".join(f"{k.removeprefix('TcpExt')}={v}"
+                                                for k, v in d.items() if v))
+    print(f"    {tag} tap: {b['link']}")
 
 
 async def ping_from(lan: Any, count: int, wait: float) -> dict[str, Any]:
@@ -115,7 +201,8 @@ async def ping_from(lan: Any, count: int, wait: float) -> dict[str, Any]:
     return doc
 
 
-async def measure(lan: Any, seconds: float, pings: int) -> dict[str, float]:
+async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
+                  tap: str = "", cc: str = "", buf: int = 0) -> dict[str, float]:
     out: dict[str, float] = {}
     doc = await ping_from(lan, pings, 3.0)
     rtts = doc["rtts"]
@@ -123,11 +210,21 @@ async def measure(lan: Any, seconds: float, pings: int) -> dict[str, float]:
     out["rtt_max_ms"] = max(rtts) if rtts else float("nan")
     out["ping_loss_pct"] = 100.0 * (1 - len(rtts) / max(1, doc["sent"]))
     for mode in ("from-guest", "to-guest"):
+        before = await snapshot(lan, tap) if diag else {}
         r = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client", mode,
-                                                 "--seconds", str(seconds)],
+                                                 "--seconds", str(seconds),
+                                                 *(["--diag"] if diag else []),
+                                                 "--peer-cc", cc, "--peer-buf", str(buf)],
                                     check=False, timeout=seconds + 60)
         try:
-            out[mode] = float(json.loads(r.stdout.strip().splitlines()[-1])["mbit"])
+            doc = json.loads(r.stdout.strip().splitlines()[-1])
+            out[mode] = float(doc["mbit"])
+            if diag:
+                print(f"  {mode}: {out[mode]:.1f} Mb/s; peer ss: {doc['ss']}")
+                after = await snapshot(lan, tap)
+                print_diff(mode, before, after)
+                if mode == "from-guest":
+                    print(f"    guest sysctl: {after['sysctl']}")
         except (ValueError, IndexError, KeyError):
             print(f"  {mode}: measurement failed: {r.stdout[-300:]} {r.stderr[-300:]}")
             out[mode] = 0.0
@@ -147,7 +244,8 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
     spec_path = write_net_spec(tmp / "vm.toml", Path("/dev/shm") / f"qsbench-{root.name}-{name}",
                                output_commit=epoch is not None, tag=f"b{len(name)}{name[-2:]}",
                                mib=args.mib, kernel_args=f"{GUEST_ARGS} lg.mode=serve "
-                               "lg.mib=1 lg.delay=1")
+                               f"lg.mib=1 lg.delay=1 lg.tcpbuf={args.tcp_buf} "
+                               f"lg.hystart={0 if args.no_hystart else 1}")
     spec = VmSpec.from_toml(spec_path)
     run = RunPaths.create(tmp / "primary")
     vm = QemuProcess(primary_argv(spec, run, accel="tcg"), run, name=name, die_with_parent=True)
@@ -155,6 +253,9 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
     agents: list[Agent] = []
     try:
         await asyncio.to_thread(lan.attach, spec.nics[0].ifname)
+        if args.tap_qlen:
+            await asyncio.to_thread(lan.ns.run, ["ip", "link", "set", spec.nics[0].ifname,
+                                                 "txqueuelen", str(args.tap_qlen)])
         if epoch is not None:
             link = f"unix:{tmp / 'link.sock'}"
             shadow = Agent([*CLI, "shadow", "--spec", str(spec_path), "--replica",
@@ -178,7 +279,8 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
                 tail = "\n".join(x for x in tail.splitlines() if "COUNTER" not in x)[-1500:]
                 raise RuntimeError(f"{name}: the guest never answered a ping; serial:\n{tail}")
         await asyncio.sleep(2.0)  # its servers start right after the address
-        res = await measure(lan, args.seconds, args.pings)
+        res = await measure(lan, args.seconds, args.pings, args.diag, spec.nics[0].ifname,
+                            args.peer_cc, args.peer_buf)
         if epoch is not None:
             eps = [e for e in agents[1].events() if e.get("event") == "epoch"]
             pauses = sorted(e["pause_ms"] for e in eps[-50:] if e.get("pause_ms"))
@@ -186,6 +288,10 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
             res["epoch_ms_last"] = float(eps[-1].get("epoch_ms", 0)) if eps else float("nan")
             lags = sorted(e["commit_lag_ms"] for e in eps[-50:] if e.get("commit_lag_ms"))
             res["commit_lag_ms"] = lags[len(lags) // 2] if lags else float("nan")
+            # the shadow's part of seal->ack: journal + fsync + apply (its committed events)
+            cms = [e["commit_ms"] for e in agents[0].events()
+                   if e.get("event") == "committed" and "commit_ms" in e][-50:]
+            res["shadow_commit_ms"] = statistics.median(cms) if cms else float("nan")
         return res
     finally:
         for a in agents:
@@ -205,20 +311,29 @@ async def main(args: argparse.Namespace) -> int:
         configs = [c for c in configs if c[0] == "none" or c[0] in args.only.split(",")]
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="qsb-", dir="/tmp") as d, Lan.create() as lan:
+        cc = args.peer_cc or lan.ns.run(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]
+                                        ).stdout.strip()
+        print(f"peer congestion control: {cc}; guest TCP buffers: "
+              f"{args.tcp_buf or 'kernel default'}; peer socket buffer: "
+              f"{args.peer_buf or 'autotuned'}; tap txqueuelen: "
+              f"{args.tap_qlen or 'default'}; guest HyStart: "
+              f"{'off' if args.no_hystart else 'on'}", flush=True)
         for name, epoch in configs:
             print(f"{name}: measuring ...", flush=True)
             results[name] = await run_config(name, Path(d), lan, args, epoch)
             print(f"  {json.dumps(results[name])}", flush=True)
     base = results["none"]
     print(f"\n{'config':<12} {'rtt ms':>8} {'loss %':>7} {'guest->peer':>12} {'ratio':>6} "
-          f"{'peer->guest':>12} {'ratio':>6} {'pause ms':>9} {'seal->ack ms':>12}")
+          f"{'peer->guest':>12} {'ratio':>6} {'pause ms':>9} {'seal->ack ms':>12} "
+          f"{'commit ms':>9}")
     for name, r in results.items():
         rg = r["from-guest"] / base["from-guest"] if base["from-guest"] else float("nan")
         rp = r["to-guest"] / base["to-guest"] if base["to-guest"] else float("nan")
         print(f"{name:<12} {r['rtt_ms']:>8.1f} {r['ping_loss_pct']:>7.0f} "
               f"{r['from-guest']:>8.1f} Mb/s {rg:>6.2f} {r['to-guest']:>8.1f} Mb/s {rp:>6.2f} "
               f"{r.get('pause_ms', float('nan')):>9.1f} "
-              f"{r.get('commit_lag_ms', float('nan')):>12.1f}")
+              f"{r.get('commit_lag_ms', float('nan')):>12.1f} "
+              f"{r.get('shadow_commit_ms', float('nan')):>9.1f}")
     if "oc-50" not in results:
         return 0
     r50 = results["oc-50"]
@@ -231,16 +346,35 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per TCP direction (5)")
     ap.add_argument("--pings", type=int, default=30, help="pings per configuration (30)")
-    ap.add_argument("--mib", type=int, default=64, help="guest RAM in MiB (64)")
+    ap.add_argument("--mib", type=int, default=96, help="guest RAM in MiB (96: the Linux "
+                    "guest prints nothing with 64)")
     ap.add_argument("--only", help="comma-separated configurations besides none "
                     "(oc-20,oc-50,oc-200,oc-adaptive); the RESULT line needs oc-50")
-    ap.add_argument("--client", choices=["from-guest", "to-guest", "ping"],
+    ap.add_argument("--tcp-buf", type=int, default=8 << 20, help="the guest's largest TCP "
+                    "buffer in bytes, anchor and protected runs alike (8 MiB; 0: the kernel's "
+                    "default, ~288 KiB for 96 MiB of RAM)")
+    ap.add_argument("--hystart", dest="no_hystart", action="store_false", help="keep the "
+                    "guest's CUBIC HyStart on (default: off, anchor and protected runs alike)")
+    ap.add_argument("--peer-cc", default="cubic", help="the peer's TCP congestion control, "
+                    "set per socket ('cubic'; '': what the namespace inherits from the host)")
+    ap.add_argument("--peer-buf", type=int, default=16 << 20, help="the peer socket's "
+                    "send (peer -> guest) or receive (guest -> peer) buffer in bytes, fixed "
+                    "(16 MiB; 0: the kernel's autotuning, at most 4 MiB sending)")
+    ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
+                    "frames queued towards the guest while it is stopped (10000; 0: the "
+                    "kernel's 1000)")
+    ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti, peer and "
+                    "guest TCP counters (retransmits, losses, drops) and the tap's ip -s link")
+    ap.add_argument("--client", choices=["from-guest", "to-guest", "ping", "stats"],
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.client == "ping":
         ping(a.pings, 0.1, 3.0)
         sys.exit(0)
+    if a.client == "stats":
+        guest_stats()
+        sys.exit(0)
     if a.client:
-        client(a.client, a.seconds)
+        client(a.client, a.seconds, a.diag, a.peer_cc, a.peer_buf)
         sys.exit(0)
     sys.exit(asyncio.run(main(a)))
