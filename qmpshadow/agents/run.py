@@ -455,12 +455,14 @@ async def _colo_pacer(colo: ColoSource, policy: EpochPolicy, oc: OutputCommit | 
     loop = asyncio.get_running_loop()
     while True:
         wake.clear()
-        ms = policy.min_ms if _output_waiting(oc) else policy.current_ms
-        if (ms >= policy.max_ms or colo.answered_at is None or colo.in_checkpoint
-                or colo.holding):
+        after = None
+        if colo.answered_at is not None and not (colo.in_checkpoint or colo.holding):
+            after = policy.request_after_ms((loop.time() - colo.answered_at) * 1000,
+                                            _output_waiting(oc))
+        if after is None:
             await wake.wait()  # QEMU's timer, or a checkpoint in flight
             continue
-        left = colo.answered_at + ms / 1000 - loop.time()
+        left = after / 1000
         if left > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
