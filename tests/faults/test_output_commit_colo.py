@@ -36,11 +36,11 @@ from qmpshadow.qemu.testguest import (
 )
 from tests.faults.e2e import (
     MIB,
-    RunStates,
     assert_one_copy,
     cluster_args,
     committed,
     kill_pid,
+    kill_until_failover,
     shadow_agent,
     source_agent,
 )
@@ -124,13 +124,7 @@ async def test_colo_failover_serial(launch_vm: LaunchVm, short_tmp: Path, broker
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and len(counters(log)) == seen:
                 await asyncio.sleep(0.005)
-        async with RunStates({"primary": vm.qmp,
-                              "shadow": replica / "standby" / "qmp2.sock"}) as states:
-            vm.kill()
-            await vm.wait()
-            ev = await shadow.wait_event(lambda e: e.get("event") == "failover",
-                                         timeout=30, allow_exit=True)
-            await asyncio.sleep(0.3)
+        ev, states = await kill_until_failover(vm, shadow, replica)
         promoted_pid = ev["pid"]
         assert_one_copy(states)
         await source.wait_exit(10)
