@@ -177,10 +177,6 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
     copied = [d for d in spec.disks if d.mode == "copy"]
-    if spec.output_commit and source != "shared-ram":
-        raise ConfigError("output_commit = \"on\" needs the shared-ram source (the colo "
-                          "source does not seal output at its checkpoints yet); use "
-                          "--source shared-ram with memory.backend = 'file'")
     emin = epoch_min_ms or interval_ms
     policy = EpochPolicy(emin, epoch_max_ms or max(interval_ms, emin))
     oc: OutputCommit | None = None
@@ -213,6 +209,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     colo_task: asyncio.Task[None] | None = None
     shared: list[SharedRamSource] = []  # the shared-ram source, once open
     coloed: list[ColoSource] = []  # the COLO source, once created
+    pacer: asyncio.Task[None] | None = None  # the COLO epoch pacer
     server: ControlServer | None = None
 
     async def do_status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +289,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             epoch_ms=lambda: policy.current_ms)
 
     async def colo_fence() -> None:
+        if pacer is not None:  # no more checkpoint requests: the primary must not run
+            pacer.cancel()
         if colo_task is not None:
             colo_task.cancel()
             await asyncio.gather(colo_task, return_exceptions=True)
@@ -333,6 +332,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 done = asyncio.Event()
 
                 async def sink(ep: Any) -> None:
+                    # the epoch policy's input, as in the shared-ram loop: did this
+                    # epoch produce output (or does output still wait)?
+                    policy.next_ms(_output_waiting(oc, take=True))
                     await agent.ship(ep)
                     if cl is not None:
                         cl.note_epoch(ep.number, agent.stats.committed)
@@ -344,7 +346,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                                   disks=_replicator(qmp, copied, sock.parent, status),
                                   disk_full=lambda: agent.need_full)
                 coloed.append(colo)
+                if oc is not None:
+                    colo.on_stopped = oc.seal
+                colo.on_answered = wake.set
                 colo_task = task = asyncio.create_task(colo.run())
+                pacer = asyncio.create_task(_colo_pacer(colo, policy, oc, wake))
                 waiters: set[asyncio.Future[Any]] = {task,
                                                      asyncio.ensure_future(done.wait())}
                 if cl is not None:
@@ -396,6 +402,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                 else:
                     outcome = "switched-over" if cl.switchover_result else "ended"
         finally:
+            if pacer is not None:
+                pacer.cancel()
+                await asyncio.gather(pacer, return_exceptions=True)
             if server is not None:
                 await server.close()  # lets an answer in flight (switchover) go out
             if cl is not None:
@@ -424,6 +433,46 @@ def _replicator(qmp: QmpControl, disks: list[DiskSpec], sock_dir: Path,
     sizes = disk_sizes(tuple(disks))
     return DiskReplicator(qmp, [DiskSource(d.id, n) for d, n in zip(disks, sizes, strict=True)],
                           sock_dir, tag=f"qs{os.getpid()}", on_progress=status)
+
+
+def _output_waiting(oc: OutputCommit | None, *, take: bool = False) -> bool:
+    """Output arrived since the last call (``take``) or is held and not sealed yet."""
+    if oc is None:
+        return False
+    return (take and oc.take_activity()) or any(ch.queue.open_items for ch in oc.channels)
+
+
+async def _colo_pacer(colo: ColoSource, policy: EpochPolicy, oc: OutputCommit | None,
+                      wake: asyncio.Event) -> None:
+    """The epoch policy under the COLO source. QEMU's own timer stays at
+    ``x-checkpoint-delay = max_ms`` (the idle period: re-setting it would itself start a
+    checkpoint on 7.2); shorter epochs are asked for with the notify
+    (:meth:`ColoSource.request_checkpoint`): ``min_ms`` after the last checkpoint when
+    output waits, else the policy's current length when that is below ``max_ms``.
+    ``wake`` is set on new output and after each answer. Runs until cancelled; a failed
+    request is logged and retried at the next wake (the COLO session's own errors end
+    protection through its task)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        wake.clear()
+        after = None
+        if colo.answered_at is not None and not (colo.in_checkpoint or colo.holding):
+            after = policy.request_after_ms((loop.time() - colo.answered_at) * 1000,
+                                            _output_waiting(oc))
+        if after is None:
+            await wake.wait()  # QEMU's timer, or a checkpoint in flight
+            continue
+        left = after / 1000
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await wake.wait()
+            continue
+        try:
+            await colo.request_checkpoint(timeout=_FINAL_CHECKPOINT_TIMEOUT)
+        except QmpShadowError as exc:
+            log.warning("epoch pacer: checkpoint request failed: %s", exc)
+            await wake.wait()
 
 
 def _with_output(status: StatusFn, policy: EpochPolicy,

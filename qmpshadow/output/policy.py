@@ -64,6 +64,16 @@ class EpochPolicy:
         shorter than ``min_ms`` (``elapsed_ms`` since the last checkpoint ended)."""
         return max(0.0, self.min_ms - elapsed_ms)
 
+    def request_after_ms(self, since_ms: float, waiting: bool) -> float | None:
+        """Under the COLO source, QEMU's timer makes ``max_ms`` epochs by itself; shorter
+        ones are asked for. Returns how long after now to ask for the next checkpoint,
+        ``since_ms`` after the last one ended: ``min_ms`` after it when output is
+        ``waiting``, else the current length; None when that is ``max_ms`` (the timer's)."""
+        ms = self.min_ms if waiting else self.current_ms
+        if ms >= self.max_ms:
+            return None
+        return max(0.0, ms - since_ms)
+
     def status(self) -> dict[str, int | bool]:
         """For status documents and metrics."""
         return {"epoch_ms": self.current_ms, "epoch_min_ms": self.min_ms,

@@ -215,6 +215,18 @@ class ColoSource:
         self._answered_seq = 0
         #: wall-clock time of the held checkpoint's STOP event (QEMU's timestamp)
         self.stopped_at: float | None = None
+        #: Called with the epoch's number while the primary is stopped in its checkpoint,
+        #: before any answer goes out (output commit seals the output it produced: the
+        #: vCPUs stopped after CHECKPOINT_REPLY and resume only on VMSTATE_LOADED, or on
+        #: CHECKPOINT_READY for the initial stream).
+        self.on_stopped: Callable[[int], None] | None = None
+        #: Called after each answer that resumed the primary (the epoch pacer's clock).
+        self.on_answered: Callable[[], None] | None = None
+        #: loop time of the last answer (the primary resumed then); None before the first
+        self.answered_at: float | None = None
+        #: a checkpoint is in flight: CHECKPOINT_REQUEST seen, the answer not sent yet
+        self.in_checkpoint = False
+        self._request_waiters: list[asyncio.Future[None]] = []
 
     @property
     def holding(self) -> bool:
@@ -270,6 +282,26 @@ class ColoSource:
             return await self._checkpoint(fut, timeout)
         finally:
             self._next_done = None
+
+    async def request_checkpoint(self, *, timeout: float = 10.0) -> None:
+        """Ask QEMU for a checkpoint now and return once one started (its
+        CHECKPOINT_REQUEST came after the ask; then the primary stops after our reply, so
+        the checkpoint covers everything the guest did before the ask). The epoch pacer's
+        "output is waiting" path; unlike :meth:`checkpoint_now` it does not wait for the
+        epoch.
+
+        Raises QmpShadowError: no COLO session, QMP failed, or no checkpoint started
+        within ``timeout``.
+        """
+        if self._done is None or self._done.done():
+            raise QmpShadowError("no COLO session with the primary: cannot take a checkpoint")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._request_waiters.append(fut)
+        try:
+            await self._checkpoint(fut, timeout)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._request_waiters.remove(fut)
 
     async def _checkpoint(self, fut: asyncio.Future[_T], timeout: float) -> _T:
         """``fut``'s result, once the handler resolved it for a checkpoint asked for now.
@@ -329,6 +361,10 @@ class ColoSource:
         writer.write(answer)
         await writer.drain()
         self._answered_seq = self.qmp.last_event_seq
+        self.in_checkpoint = False
+        self.answered_at = asyncio.get_running_loop().time()
+        if self.on_answered is not None:
+            self.on_answered()
 
     async def check_accel(self) -> None:
         """Refuse a primary not running under KVM (COLO deadlocks under TCG on 7.2).
@@ -406,13 +442,20 @@ class ColoSource:
                 chunk = await reader.read(4 << 20)
                 cap.receive_data(chunk)
                 while (item := cap.next_event()) is not None:
-                    if isinstance(item, Answer):
+                    if isinstance(item, Answer):  # CHECKPOINT_REQUEST: one starts
+                        self.in_checkpoint = True
+                        for w in self._request_waiters:
+                            if not w.done():
+                                w.set_result(None)
                         writer.write(b"".join(encode_colo(m) for m in item.answers))
                         await writer.drain()
                         continue
                     self.epochs += 1
                     answer = b"".join(encode_colo(m) for m in item.answers)
                     ep = item.epoch
+                    if self.on_stopped is not None:
+                        # the primary waits for our answer: all it produced is before it
+                        self.on_stopped(ep.number)
                     held = self._hold is not None and not self._hold.done()
                     pending = None
                     if self.disks is not None:

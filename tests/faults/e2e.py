@@ -39,8 +39,9 @@ from qmpshadow.qemu.testguest import (
 from qmpshadow.testing.runstates import RunStates
 
 __all__ = ["CLI", "Agent", "RunStates", "assert_committed_monotonic", "assert_one_copy",
-           "carries_on", "cluster_args", "committed", "kill_pid", "pid_alive",
-           "primary_carries_on", "runs_soon", "shadow_agent", "source_agent", "write_spec"]
+           "carries_on", "cluster_args", "committed", "kill_pid", "kill_until_failover",
+           "pid_alive", "primary_carries_on", "runs_soon", "shadow_agent", "source_agent",
+           "write_spec"]
 
 CLI = [sys.executable, "-m", "qmpshadow.cli.main"]
 MIB = 64
@@ -168,6 +169,20 @@ def source_agent(spec_path: Path, qmp: Path, to: str, out: Path, cargs: Sequence
     fl = ["--fencer-log", str(fencer_log)] if fencer_log is not None else []
     return Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp", str(qmp), "--to", to,
                   "--interval", "200", "--json", *fl, *extra, *cargs], out, prefix=prefix)
+
+
+async def kill_until_failover(vm: Any, shadow: Agent, replica: Path
+                              ) -> tuple[Event, RunStates]:
+    """kill -9 the primary ``vm`` and wait for the shadow agent's ``failover`` event,
+    with both QEMUs' run states polled throughout (for :func:`assert_one_copy`)."""
+    async with RunStates({"primary": vm.qmp,
+                          "shadow": replica / "standby" / "qmp2.sock"}) as states:
+        vm.kill()
+        await vm.wait()
+        ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
+                                     allow_exit=True)
+        await asyncio.sleep(0.3)
+    return ev, states
 
 
 # ---------------------------------------------------------------- invariants

@@ -41,10 +41,10 @@ from qmpshadow.testing.lan import Lan
 from qmpshadow.testing.netns import netns_unavailable_reason
 from tests.faults.e2e import (
     Agent,
-    RunStates,
     assert_one_copy,
     cluster_args,
     kill_pid,
+    kill_until_failover,
     shadow_agent,
     source_agent,
 )
@@ -184,13 +184,7 @@ async def test_failover_output(launch_vm: LaunchVm, short_tmp: Path, broker: Mos
                         vm.run.serial_log.read_text(errors="replace"))) == seen:
                     await asyncio.sleep(0.005)
             before = peer_summary(peer_out)
-            async with RunStates({"primary": vm.qmp,
-                                  "shadow": replica / "standby" / "qmp2.sock"}) as states:
-                vm.kill()
-                await vm.wait()
-                ev = await shadow.wait_event(lambda e: e.get("event") == "failover",
-                                             timeout=30, allow_exit=True)
-                await asyncio.sleep(0.3)
+            ev, states = await kill_until_failover(vm, shadow, replica)
             promoted_pid = ev["pid"]
             assert_one_copy(states)
             # the promoted guest streams on from its checkpoint: give it time to
