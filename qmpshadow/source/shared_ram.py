@@ -231,12 +231,7 @@ class SharedRamSource:
             # off the event loop: lease renewals share it, and a 1 GiB scan takes
             # 100-200 ms here (the compiled twin releases the GIL), a full copy more
             changed, pages = await asyncio.to_thread(self._scan_copy, ps)
-            if held is not None:
-                held.set()
-                if release is not None:
-                    await release.wait()
-            if self.on_stopped is not None:
-                self.on_stopped(self.epoch_number + 1)
+            await self._while_stopped(held, release)
             ok = True
         finally:
             if resume or not ok:
@@ -287,12 +282,7 @@ class SharedRamSource:
                 raise
             pending = await self.disks.start(hold=True)
             changed, pages = await asyncio.to_thread(self._scan_copy, self.page_size)
-            if held is not None:
-                held.set()
-                if release is not None:
-                    await release.wait()
-            if self.on_stopped is not None:
-                self.on_stopped(self.epoch_number + 1)
+            await self._while_stopped(held, release)
         finally:
             await qmp.cont()
         t1 = time.monotonic()
@@ -318,6 +308,17 @@ class SharedRamSource:
                            scanned=True, disks=True, disk_full=False)
         ep.pause_ms = await self._pause_from_events(since) or (t1 - t0) * 1000
         return ep
+
+    async def _while_stopped(self, held: asyncio.Event | None,
+                             release: asyncio.Event | None) -> None:
+        """The last step before ``cont``: a caller's hold (tests), then ``on_stopped``
+        (output commit seals what the stopped primary produced)."""
+        if held is not None:
+            held.set()
+            if release is not None:
+                await release.wait()
+        if self.on_stopped is not None:
+            self.on_stopped(self.epoch_number + 1)
 
     def _scan_copy(self, ps: int) -> tuple[Any, dict[int, bytes]]:
         mm, filt = self._mm, self._filter
