@@ -286,11 +286,12 @@ def breakdown(res: dict[str, Any]) -> str:
 
 
 def _prepare_note(rs: list[dict[str, Any]]) -> str:
-    # the standby's prepare runs inside ship+commit (before the ack): shown, not summed
+    # the standby's prepare runs right after its ack, on the loop that then takes the
+    # release: it lands in release/send, inside the downtime; shown, not summed
     vals = [float(r["shadow_prepare_ms"]) for r in rs
             if isinstance(r.get("shadow_prepare_ms"), (int, float))]
     reused = sum(1 for r in rs if r.get("shadow_prepare_reused") is True)
-    return (f" (ship+commit includes prepare {statistics.median(vals):.1f} ms, RAM part "
+    return (f" (the standby's prepare after the ack {statistics.median(vals):.1f} ms, RAM part "
             f"reused {reused}/{len(rs)})" if vals else "")
 
 
