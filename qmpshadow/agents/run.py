@@ -491,9 +491,7 @@ async def _epoch_gap(policy: EpochPolicy, oc: OutputCommit | None, wake: asyncio
                      done: asyncio.Future[Any] | None) -> None:
     """Wait the policy's next epoch length; output arriving during a long (idle) epoch
     cuts it short, to no less than ``min_ms`` since the last checkpoint."""
-    active = oc is not None and (oc.take_activity() or any(
-        ch.queue.open_items for ch in oc.channels))
-    ms = policy.next_ms(active)
+    ms = policy.next_ms(_output_waiting(oc, take=True))
     t0 = time.monotonic()
     wake.clear()
     waiters: set[asyncio.Future[Any]] = set() if done is None else {done}
@@ -516,8 +514,7 @@ async def _epoch_gap(policy: EpochPolicy, oc: OutputCommit | None, wake: asyncio
 async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
                            cl: SourceCluster | None, lock: asyncio.Lock,
                            policy: EpochPolicy, max_epochs: int,
-                           oc: OutputCommit | None = None,
-                           wake: asyncio.Event | None = None) -> None:
+                           oc: OutputCommit | None, wake: asyncio.Event) -> None:
     """Checkpoints until ``max_epochs``, or (with a cluster) until protection ends. With
     a cluster, no checkpoint starts while the primary must not run (a checkpoint ends
     with ``cont``), and each one runs under the lock the fencing takes."""
@@ -564,7 +561,7 @@ async def _shared_ram_loop(agent: SourceAgent, src: SharedRamSource,
         if cl is not None:
             cl.note_epoch(ep.number, agent.stats.committed)
         n += 1
-        await _epoch_gap(policy, oc, wake or asyncio.Event(),
+        await _epoch_gap(policy, oc, wake,
                          cl.done if cl is not None else None)
 
 
