@@ -14,7 +14,9 @@ whole dirty region written once), then migrates it to a fresh destination on thi
 Runs come in pairs, the order flipped every pair (hand, qmpshadow, qmpshadow, hand, ...),
 so that drifting load on the host hits both methods alike. Per run:
   total    = from the start (before launching the destination) to the destination
-             running (its RESUME event received);
+             running (the timestamp of its RESUME event, this host's clock, for both
+             methods; what qmpshadow does after that, e.g. quitting the source and
+             collecting statistics, is not part of the move);
   pause    = what the guest saw: source STOP event → destination RESUME event (QMP event
              timestamps, both this host's clock);
   qemu_dt  = QEMU's own downtime figure (source side).
@@ -74,7 +76,7 @@ async def by_hand(spec: VmSpec, src: QemuProcess, root: Path, args: argparse.Nam
                   ) -> tuple[Run, Destination]:
     src_set, dst_set = plan_settings(_options(args))
     qmp = src.qmp
-    t0 = time.monotonic()
+    t0 = time.time()
     run = RunPaths.create(root / "dst")
     dest = Destination(destination_argv(spec, run, accel=args.accel), run)
     await dest.start()
@@ -96,7 +98,7 @@ async def by_hand(spec: VmSpec, src: QemuProcess, root: Path, args: argparse.Nam
             await asyncio.sleep(args.poll / 1000)
         await dest.qmp.cont()
         resume = await _resume_ts(dest.qmp, since_dst)
-        total = (time.monotonic() - t0) * 1000
+        total = (resume - t0) * 1000
         stop = (await qmp.wait_event("STOP", since=since_src, timeout=5)).timestamp
         info = await qmp.query_migrate()
     except BaseException:
@@ -109,15 +111,15 @@ async def by_hand(spec: VmSpec, src: QemuProcess, root: Path, args: argparse.Nam
 
 async def by_qmpshadow(spec: VmSpec, src: QemuProcess, root: Path, args: argparse.Namespace
                        ) -> tuple[Run, Destination]:
-    t0 = time.monotonic()
+    t0 = time.time()
     result = await migrate(src.run.qmp2_sock, MigrationTarget(spec, RunPaths.create(
         root / "dst")), _options(args))
-    total = (time.monotonic() - t0) * 1000
     s = result.stats
-    if s.guest_pause_ms is None or s.downtime_ms is None or s.total_time_ms is None:
+    if (s.guest_pause_ms is None or s.downtime_ms is None or s.total_time_ms is None
+            or s.resumed_at is None):
         raise RuntimeError(f"qmpshadow gave incomplete stats: {s}")
-    return (Run("qmpshadow", total, s.guest_pause_ms, s.downtime_ms, s.total_time_ms,
-                s.passes, s.transferred), result.destination)
+    return (Run("qmpshadow", (s.resumed_at - t0) * 1000, s.guest_pause_ms, s.downtime_ms,
+                s.total_time_ms, s.passes, s.transferred), result.destination)
 
 
 async def one_run(method: str, spec: VmSpec, args: argparse.Namespace) -> Run:

@@ -255,37 +255,38 @@ class _Migration:
             await self.src.close()
 
     async def _preflight(self, src: QmpControl) -> str:
-        status = await src.query_status(timeout=_QMP_TIMEOUT)
+        # one round trip's worth of waiting, not seven: QMP answers in-flight commands by id
+        status, mig, kvm, mem, caps_list, params, cpus = await asyncio.gather(
+            src.query_status(timeout=_QMP_TIMEOUT), src.query_migrate(timeout=_QMP_TIMEOUT),
+            *(src.execute(cmd, timeout=_QMP_TIMEOUT) for cmd in (
+                "query-kvm", "query-memory-size-summary", "query-migrate-capabilities",
+                "query-migrate-parameters", "query-cpus-fast")))
         if status.status not in ("running", "paused"):
             raise ConfigError(
                 f"source: expected a running (or paused) VM, got run state {status.status!r}; "
                 "a VM that is itself an incoming destination or already migrated cannot "
                 "be migrated")
         self.was_running = status.running
-        info = Progress.from_query(await src.query_migrate(timeout=_QMP_TIMEOUT))
+        info = Progress.from_query(mig)
         if info.status in PRECOPY_STATES or info.status in POSTCOPY_STATES or (
                 info.status in ("cancelling", "colo")):
             raise ConfigError(
                 f"source: a migration is already in progress (status {info.status}); wait "
                 "for it or cancel it (migrate_cancel) first")
-        kvm = await src.execute("query-kvm", timeout=_QMP_TIMEOUT)
         accel = "kvm" if isinstance(kvm, dict) and kvm.get("enabled") else "tcg"
         spec = self.target.spec
         if spec.accel != "auto" and spec.accel != accel:
             raise ConfigError(
                 f"VM spec {spec.name!r} says accel {spec.accel!r} but the source runs with "
                 f"{accel}; the destination must use the source's accelerator (fix the spec)")
-        mem = await src.execute("query-memory-size-summary", timeout=_QMP_TIMEOUT)
         base = mem.get("base-memory") if isinstance(mem, dict) else None
         if isinstance(base, int) and base != spec.memory.size_mib << 20:
             raise ConfigError(
                 f"VM spec {spec.name!r}: memory.size_mib = {spec.memory.size_mib} but the "
                 f"source has {base >> 20} MiB of RAM; the spec must describe the running VM")
-        caps_list = await src.execute("query-migrate-capabilities", timeout=_QMP_TIMEOUT)
         self.current_caps = {c["capability"]: bool(c.get("state"))
                              for c in (caps_list if isinstance(caps_list, list) else [])
                              if isinstance(c, dict) and isinstance(c.get("capability"), str)}
-        params = await src.execute("query-migrate-parameters", timeout=_QMP_TIMEOUT)
         self.current_params = params if isinstance(params, dict) else {}
         wanted, _ = plan_settings(self.options)
         unknown = sorted(set(wanted.capabilities) - set(self.current_caps))
@@ -293,7 +294,6 @@ class _Migration:
             raise ConfigError(
                 f"capability {', '.join(unknown)}: not known to this QEMU; expected one of "
                 f"{', '.join(sorted(self.current_caps))}")
-        cpus = await src.execute("query-cpus-fast", timeout=_QMP_TIMEOUT)
         if isinstance(cpus, list) and len(cpus) != spec.vcpus:
             raise ConfigError(
                 f"VM spec {spec.name!r}: vcpus = {spec.vcpus} but the source has {len(cpus)} "
@@ -466,7 +466,8 @@ class _Migration:
                          "return_bytes": rstats.return_bytes, "errors": rstats.errors}
         return MigrationStats.build(final, guest_pause_ms=pause, wall_time_ms=wall_ms,
                                     postcopy=self.postcopy, uri=self.uri, source_after=after,
-                                    destination=dest_info, recording=recording)
+                                    destination=dest_info, recording=recording,
+                                    resumed_at=resume)
 
     async def _resume_time(self, dsub: EventSubscription, qmp: QmpControl) -> float | None:
         deadline = time.monotonic() + 5.0

@@ -140,7 +140,8 @@ class MigrationStats:
     the guest saw: from the source's STOP event to the destination's RESUME event (QMP
     event timestamps, both from this host's clock), so it includes loading the last bytes
     on the destination and qmpshadow's ``cont``. ``wall_time_ms`` is from the ``migrate``
-    command to the destination running.
+    command to the destination running. ``resumed_at`` is the destination's RESUME event
+    timestamp (seconds since the epoch, this host's clock; None if not seen).
     """
 
     status: str
@@ -165,12 +166,14 @@ class MigrationStats:
     source_after: str
     destination: dict[str, Any]
     recording: dict[str, Any] | None = None
+    resumed_at: float | None = None
 
     @classmethod
     def build(cls, final: Progress, *, guest_pause_ms: float | None, wall_time_ms: float,
               postcopy: bool, uri: str, source_after: str,
               destination: dict[str, Any],
-              recording: dict[str, Any] | None = None) -> MigrationStats:
+              recording: dict[str, Any] | None = None,
+              resumed_at: float | None = None) -> MigrationStats:
         """Combine the source's final ``query-migrate`` with what qmpshadow measured."""
         return cls(
             status=final.status, total_time_ms=final.total_time_ms,
@@ -181,7 +184,8 @@ class MigrationStats:
             duplicate_pages=final.duplicate_pages, passes=final.passes, mbps=final.mbps,
             page_size=final.page_size, multifd_bytes=final.multifd_bytes,
             postcopy=postcopy, postcopy_requests=final.postcopy_requests, uri=uri,
-            source_after=source_after, destination=destination, recording=recording)
+            source_after=source_after, destination=destination, recording=recording,
+            resumed_at=resumed_at)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``--json``)."""

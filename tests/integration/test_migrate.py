@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -60,6 +61,9 @@ async def _check_moved(vm: QemuProcess, result: MigrationResult, *, timeout: flo
     assert stats.transferred > 0 and stats.passes >= 1
     assert stats.downtime_ms is not None and stats.total_time_ms is not None
     assert stats.guest_pause_ms is not None and stats.guest_pause_ms >= 0
+    # the destination's RESUME, within the move's wall time of now
+    assert stats.resumed_at is not None
+    assert 0 <= time.time() - stats.resumed_at < 60
 
 
 async def test_migrate_tcg(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice,
@@ -194,6 +198,7 @@ async def test_paused_source_stays_paused_at_the_destination(
     results.append(result)
     assert any("destination left paused" in n for n in notes), notes
     assert result.stats.guest_pause_ms is None
+    assert result.stats.resumed_at is None
     from qmpshadow.qmp.control import QmpControl
 
     async with await QmpControl.open(run.qmp2_sock) as dst:
