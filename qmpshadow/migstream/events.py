@@ -224,10 +224,16 @@ class ColoMessageEvent:
 
 @dataclass(frozen=True, slots=True)
 class ColoVmstate:
-    """The device state of one COLO checkpoint (``size`` bytes after VMSTATE_SIZE)."""
+    """The device state of one COLO checkpoint (``size`` bytes after VMSTATE_SIZE).
+
+    ``data`` is those bytes as sent (the sections, then the EOF byte), for a consumer that
+    keeps the blob whole instead of writing the sections back out; it is what the sections
+    say, so it takes no part in comparisons.
+    """
 
     checkpoint: int
     sections: tuple[DeviceSection, ...]
+    data: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

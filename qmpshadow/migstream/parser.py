@@ -118,6 +118,7 @@ class StreamParser:
         self._in_checkpoint = False
         self.checkpoints = 0
         self._colo_size = 0
+        self._colo_layout: _Layout = ()
         # device-region accumulation
         self._dev = bytearray()
         self._dev_offset = 0
@@ -699,12 +700,18 @@ class StreamParser:
         inp.skip(n)
         self._state = _S_COLO
         self.checkpoints += 1
-        sections = _split_devices(region[:-1], None)
+        body = region[:-1]
+        # checkpoints of one VM repeat their section layout: try the last one first (a
+        # few byte compares) before the backtracking search (~5 us per section)
+        sections = _split_like(body, self._colo_layout)
         if sections is None:
-            raise StreamFormatError(
-                "COLO device state does not split into sections at their footers",
-                offset=inp.offset - n, section="devices")
-        return ColoVmstate(self.checkpoints, tuple(sections))
+            sections = _split_devices(body, None)
+            if sections is None:
+                raise StreamFormatError(
+                    "COLO device state does not split into sections at their footers",
+                    offset=inp.offset - n, section="devices")
+            self._colo_layout = _layout_of(body, sections)
+        return ColoVmstate(self.checkpoints, tuple(sections), region)
 
     def _done(self) -> Event | _NeedData | None:
         inp = self._in
@@ -730,6 +737,38 @@ def _parse_full_header(region: bytes, q: int) -> tuple[int, str, int, int, int] 
     inst = int.from_bytes(region[q + 6 + n : q + 10 + n], "big")
     ver = int.from_bytes(region[q + 10 + n : q + 14 + n], "big")
     return sid, raw.decode("ascii"), inst, ver, q + 14 + n
+
+
+#: a split of a device region: per section (header start, payload start, footer start,
+#: the header's bytes, (section id, idstr, instance, version))
+_Layout = tuple[tuple[int, int, int, bytes, tuple[int, str, int, int]], ...]
+
+
+def _layout_of(region: bytes, sections: list[DeviceSection]) -> _Layout:
+    """The layout of ``sections``, a split of ``region`` by :func:`_split_devices`."""
+    out = []
+    q = 0
+    for sec in sections:
+        body = q + 14 + len(sec.idstr)
+        r = body + len(sec.payload)
+        out.append((q, body, r, region[q:body],
+                    (sec.section_id, sec.idstr, sec.instance_id, sec.version_id)))
+        q = r + 5
+    return tuple(out)
+
+
+def _split_like(region: bytes, layout: _Layout) -> list[DeviceSection] | None:
+    """``region`` split at the positions of ``layout`` if its headers and footers are
+    all there (the same headers byte for byte), else None."""
+    if not layout or layout[-1][2] + 5 != len(region):
+        return None
+    out = []
+    for q, body, r, header, (sid, name, inst, ver) in layout:
+        if (region[q:body] != header or region[r] != 0x7E
+                or region[r + 1 : r + 5] != header[1:5]):
+            return None
+        out.append(DeviceSection(sid, name, inst, ver, region[body:r]))
+    return out
 
 
 def _split_devices(

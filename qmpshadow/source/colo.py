@@ -145,7 +145,7 @@ class ColoCapture:
                     return Answer([ColoMessage.CHECKPOINT_REPLY])
             elif isinstance(ev, ColoVmstate):
                 ep = self._epoch()
-                ep.device_state = b"".join(device_section_bytes(s) for s in ev.sections) + b"\x00"
+                ep.device_state = ev.data
                 ep.device_format = DeviceStateFormat.QEMU_SECTIONS
                 self._current = None
                 return EpochReady(ep, [ColoMessage.VMSTATE_RECEIVED, ColoMessage.VMSTATE_LOADED])

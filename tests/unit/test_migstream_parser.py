@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from qmpshadow.errors import StreamFormatError, StreamUnsupportedError
 from qmpshadow.migstream import NEED_DATA, Limits, StreamParser, StreamWriter
-from qmpshadow.migstream.constants import RamFlag
+from qmpshadow.migstream.constants import ColoMessage, RamFlag
 from qmpshadow.migstream.events import (
+    ColoMessageEvent,
     ColoVmstate,
     DeviceSection,
     EndOfStream,
@@ -118,6 +119,37 @@ def test_devices_split_despite_fake_footer_in_payload() -> None:
     assert [(d.idstr, d.instance_id) for d in devs] == [
         (d.idstr, d.instance_id) for d in synth.devices()]
     assert [d.payload for d in devs] == [d.payload for d in synth.devices()]
+
+
+def test_colo_checkpoints_split_when_their_layout_changes() -> None:
+    """Checkpoints after the first reuse its section layout when it still fits; a
+    section that grew, a new header, or a fake footer where the old one was must still
+    split exactly as written."""
+    from dataclasses import replace
+
+    base = synth.devices()
+    grown = [replace(d, payload=d.payload + b"xy") if d.idstr == "dma" else d for d in base]
+    renamed = [replace(d, version_id=d.version_id + 1) if d.idstr == "apic" else d
+               for d in base]
+    # the same total size as base, but a fake footer of the cpu section sits right where
+    # the real one was (which moved 5 bytes on; the next section is 5 bytes shorter): the
+    # old layout must not be taken
+    i = next(i for i, d in enumerate(base) if d.idstr == "cpu")
+    fake = b"\x7e" + base[i].section_id.to_bytes(4, "big")
+    assert len(base[i + 1].payload) >= 5
+    shifted = list(base)
+    shifted[i] = replace(base[i], payload=base[i].payload + fake)
+    shifted[i + 1] = replace(base[i + 1], payload=base[i + 1].payload[5:])
+    cps = [base, base, grown, grown, renamed, base, shifted]
+    evs: list[Event] = [e for e in synth.precopy_events(colo=True, checkpoints=0)]
+    for cp, devs in enumerate(cps, 1):
+        vm = ColoVmstate(cp, tuple(devs))
+        evs += [ColoMessageEvent(ColoMessage.VMSTATE_SIZE, len(StreamWriter().write(vm))), vm]
+    data = synth.stream_bytes(evs)
+    got = [e for e in parse_chunks([data]) if isinstance(e, ColoVmstate)]
+    assert [e.sections for e in got] == [tuple(d) for d in cps]
+    for e in got:
+        assert e.data == StreamWriter().write(e)  # the blob after VMSTATE_SIZE
 
 
 # -- bad input ---------------------------------------------------------------------------
