@@ -2,7 +2,9 @@
 
 One source link at a time (a new one replaces the old). Frames of an epoch are staged in the
 replica's journal as they arrive; when the assembler says the epoch is whole and verified
-the replica commits it and only then the agent acknowledges it. A corrupt or inconsistent
+the replica commits it, and the agent acknowledges it as soon as the commit record is
+durable (the replica applies it meanwhile; a crash from there recovers it). A corrupt or
+inconsistent
 epoch is dropped (the replica keeps the previous committed epoch) and the source is asked
 for a full resync; a dropped link likewise ends with the open epoch aborted.
 """
@@ -43,10 +45,10 @@ class ShadowAgent:
     def __init__(self, *, listener: Listener, replica: Replica, machine_type: str | None,
                  name: str = "", on_status: StatusFn | None = None,
                  on_commit: Callable[[], object] | None = None) -> None:
-        """``on_commit`` runs after each commit, right after its ack (e.g. the standby's
-        ``prepare`` so that the promotion stream is built off the failover path; after the
-        ack because the source's output commit releases the epoch's held output on that
-        ack: 4-22 ms of ``prepare`` were added to every held frame's latency)."""
+        """``on_commit`` runs after each commit is applied, after its ack (e.g. the
+        standby's ``prepare`` so that the promotion stream is built off the failover path;
+        after the ack because the source's output commit releases the epoch's held output
+        on that ack: 4-22 ms of ``prepare`` were added to every held frame's latency)."""
         self.listener = listener
         self.replica = replica
         self.machine_type = machine_type
@@ -67,6 +69,30 @@ class ShadowAgent:
         self.min_generation = 0
         self._hb_task: asyncio.Task[None] | None = None
         self._bytes_closed = 0
+        #: set (and replaced) each time a commit has been applied
+        self._applied = asyncio.Event()
+
+    async def wait_committed(self, epoch: int, *, timeout: float = 30.0) -> None:
+        """Return once the replica holds ``epoch`` (or a later one) applied.
+
+        The source gets its ack as soon as an epoch is durable (its commit record); the
+        apply follows. Whoever reads the replica after an ack (its RAM file, its disks,
+        :attr:`Replica.committed_epoch`) waits here first.
+
+        Raises:
+            QmpShadowError: the replica did not get there within ``timeout`` seconds (the
+                message says which epoch it holds).
+        """
+        deadline = time.monotonic() + timeout
+        while self.replica.committed_epoch < epoch:
+            applied = self._applied
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QmpShadowError(
+                    f"the replica holds epoch {self.replica.committed_epoch}, not {epoch}, "
+                    f"after {timeout} s: the shadow agent is stuck or the source stopped")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(applied.wait(), left)
 
     @property
     def bytes_received(self) -> int:
@@ -123,28 +149,50 @@ class ShadowAgent:
         with contextlib.suppress(QmpShadowError):
             self.replica.abort()
 
-    async def _commit(self, done: Any) -> None:
-        """``replica.commit`` in a worker thread: a full epoch of a large VM takes seconds
-        (every page of a fresh RAM file faults in), and this event loop must go on
-        acknowledging lease renewals meanwhile. A cancel (promotion) waits for the commit
-        to finish, so the replica is never promoted half-applied."""
+    async def _commit(self, done: Any, link: Link) -> None:
+        """``replica.commit`` in a worker thread, acknowledged once it is sealed.
+
+        A worker thread because a full epoch of a large VM takes seconds (every page of a
+        fresh RAM file faults in), and this event loop must go on acknowledging lease
+        renewals meanwhile. The ack goes out when the commit record is durable, while the
+        thread goes on applying: the source's wait (output commit's hold, a sync ack's
+        pause) is not made longer by the apply and the data files' sync. Whatever
+        happens (a cancel for a promotion, a broken link), this returns only once the
+        thread is done, so the replica is never promoted or touched half-applied.
+        """
         t0 = time.monotonic()
-        fut = asyncio.ensure_future(asyncio.to_thread(self.replica.commit, done))
+        loop = asyncio.get_running_loop()
+        sealed: asyncio.Future[float] = loop.create_future()
+
+        def on_sealed() -> None:  # in the worker thread
+            loop.call_soon_threadsafe(_resolve, sealed, time.monotonic())
+
+        fut = asyncio.ensure_future(
+            asyncio.to_thread(self.replica.commit, done, on_sealed=on_sealed))
         try:
+            either: set[asyncio.Future[Any]] = {sealed, fut}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if sealed.done() or (fut.done() and not fut.cancelled()
+                                 and fut.exception() is None):
+                await link.send_frame(Ack(generation=done.generation, epoch=done.epoch,
+                                          digest=done.digest))
             await asyncio.shield(fut)
-        except asyncio.CancelledError:
+        except BaseException:
             await asyncio.wait({fut})
             if not fut.cancelled() and fut.exception() is None:
-                self._committed(done, t0)
+                self._committed(done, t0, sealed)
             raise
-        self._committed(done, t0)
+        self._committed(done, t0, sealed)
 
-    def _committed(self, done: Any, t0: float) -> None:
-        # reported as soon as the replica holds it (before the ack: a promotion may cancel
-        # the link right after, and the epoch it promotes must have been reported);
-        # commit_ms: journal + fsync + apply, part of output commit's hold time
+    def _committed(self, done: Any, t0: float, sealed: asyncio.Future[float]) -> None:
+        # seal_ms: journal record (+ fsync), the shadow's part of output commit's hold;
+        # commit_ms: that and the apply (+ the data files' sync)
         self.epochs_committed += 1
+        self._applied.set()
+        self._applied = asyncio.Event()
+        seal = sealed.result() if sealed.done() else time.monotonic()
         self._emit(event="committed", epoch=done.epoch, pages=done.pages, frames=done.frames,
+                   seal_ms=round((seal - t0) * 1000, 1),
                    commit_ms=round((time.monotonic() - t0) * 1000, 1))
 
     async def _handle(self, link: Link) -> None:
@@ -205,9 +253,7 @@ class ShadowAgent:
                             replica.stage(frame)
                         done = asm.feed(frame)
                         if done is not None:
-                            await self._commit(done)
-                            await link.send_frame(Ack(generation=done.generation,
-                                                      epoch=done.epoch, digest=done.digest))
+                            await self._commit(done, link)
                             if self.on_commit is not None:
                                 try:
                                     self.on_commit()
@@ -236,3 +282,7 @@ class ShadowAgent:
                 self.link = None
             self._bytes_closed += link.stats.bytes_received  # after: never counted twice
 
+
+def _resolve(fut: asyncio.Future[float], value: float) -> None:
+    if not fut.done():
+        fut.set_result(value)

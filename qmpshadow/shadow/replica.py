@@ -30,14 +30,19 @@ touches nothing else. :meth:`Replica.commit` takes the
 4. syncs the RAM and small-block files, truncates the journal and removes the previous
    device-state file.
 
+The epoch may be acknowledged once step 1 is done (``commit(on_sealed=...)`` says when):
+applying it, and above all syncing the data files, stays out of the time the source waits
+for its ack.
+
 :meth:`Replica.open` recovers: a journal whose commit record verifies is applied again and
 the state brought to its epoch; any other journal is discarded. Killed at any point, the
 replica therefore comes back at exactly the epoch before the commit or exactly the epoch
-being committed, and once ``commit`` has returned (the only moment its caller may
-acknowledge the epoch) never before it. A random token written at :meth:`Replica.reset`
-into both the state and the RAM file's trailer ties them together: a RAM file that was
-recreated (``/dev/shm`` after a reboot, a shadow QEMU that created a missing file, an
-operator's copy) makes the replica hold nothing (epoch 0) rather than claim bytes it lost.
+being committed, and once the commit record is durable (``on_sealed``, or ``commit``
+returning: the moments its caller may acknowledge the epoch) never before it. A random
+token written at :meth:`Replica.reset` into both the state and the RAM file's trailer ties
+them together: a RAM file that was recreated (``/dev/shm`` after a reboot, a shadow QEMU
+that created a missing file, an operator's copy) makes the replica hold nothing (epoch 0)
+rather than claim bytes it lost.
 
 One process at a time: the directory is locked (``flock``) while a replica is open.
 Not thread-safe; run :meth:`~Replica.commit` in a worker thread from asyncio if its fsyncs
@@ -780,11 +785,17 @@ class Replica:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, complete: EpochComplete) -> None:
+    def commit(self, complete: EpochComplete, *,
+               on_sealed: Callable[[], object] | None = None) -> None:
         """Commit the staged epoch that ``complete`` (from the epoch assembler) closes.
 
-        When this returns, the epoch is durable and applied: acknowledge it then, never
-        before. Steps are listed in the module docstring.
+        When this returns, the epoch is durable and applied. ``on_sealed`` is called as
+        soon as the epoch is durable, before it is applied (step 1 of the module
+        docstring done): from then on a crash recovers this epoch, so the epoch may be
+        acknowledged from there (the call comes from this thread: hand it over to an
+        event loop with ``call_soon_threadsafe``). An exception from ``on_sealed`` leaves
+        the replica broken, like a failed apply. Without ``on_sealed``, acknowledge once
+        this returns, never before.
 
         Raises:
             FrameError: ``complete`` does not match what was staged (epoch, generation,
@@ -841,6 +852,8 @@ class Replica:
             if self._durable:
                 os.fsync(self._journal_fd)
             self._step("commit:record-synced")
+            if on_sealed is not None:
+                on_sealed()
             frames: Iterator[Frame] = (
                 iter(retained) if retained is not None else self._journal_frames()
             )

@@ -97,7 +97,10 @@ async def test_bit_flips_are_refused_and_resynced(launch_vm: LaunchVm, short_tmp
             dump = short_tmp / f"d{n}.ram"
             before = replica.committed_epoch
             ep = await checkpoint_with_dump(src, vm, dump, full=agent.need_full)
+            acked = agent.stats.committed
             await agent.ship(ep)
+            if agent.stats.committed > acked:  # acked when durable, applied after
+                await shadow.wait_committed(n)
             after = replica.committed_epoch
             assert after >= before  # never goes backwards
             committed_seen.append(after)

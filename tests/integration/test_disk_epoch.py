@@ -96,6 +96,7 @@ async def test_shadow_disk_equals_primary_at_each_commit(
             # the guest runs again: these writes belong to the next epoch, not this one
             await vm.qmp.human_monitor_command('qemu-io d0 "write -P 0xee 0 65536"')
             await agent.ship(ep)
+            await shadow.wait_committed(n - failed)  # acked when durable, applied after
             assert replica.committed_epoch == n - failed
             assert shadow_image.read_bytes() == copy.read_bytes(), f"epoch {n}"
             copy.unlink()

@@ -108,6 +108,7 @@ async def test_kill_at_random_point_disk_and_ram_consistent(
         for n in range(1, epochs + 1):
             await one(n)
             await asyncio.sleep(rng.uniform(0.05, 0.4))
+        await shadow.wait_committed(epochs)
         assert replica.committed_epoch == epochs
         # the kill lands at a random point: between checkpoints or inside the next one
         # (stopped, backup job running, or shipping)

@@ -61,6 +61,7 @@ async def test_shared_ram_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: 
             ep = await checkpoint_with_dump(src, vm, dump, full=agent.need_full)
             await agent.ship(ep)
             assert agent.stats.committed == n, agent.stats
+            await shadow.wait_committed(n)  # acked when durable, applied after
             assert replica.committed_epoch == n
             bad = differing_pages(read_file_ram(replica.ram_path), dump)
             assert not bad, (n, len(bad), bad[:8])
@@ -96,6 +97,7 @@ async def test_colo_replica_is_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
 
     async def sink(ep: CapturedEpoch) -> None:
         await agent.ship(ep)
+        await shadow.wait_committed(ep.number)
         assert replica.committed_epoch == ep.number
         if ep.number > 1 and len(checked) < 3:
             dump = short_tmp / f"c{ep.number}.ram"

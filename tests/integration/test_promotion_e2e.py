@@ -103,6 +103,7 @@ async def test_shared_ram_kill_and_promote(launch_vm: LaunchVm, short_tmp: Path,
             await agent.ship(ep)
             counter_at_commit = seen[0]
             await asyncio.sleep(0.3)
+        await shadow.wait_committed(4)
         assert replica.committed_epoch == 4
         await asyncio.sleep(0.5)  # the primary runs past the checkpoint
         vm.kill()

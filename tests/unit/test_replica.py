@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +160,8 @@ def decode(data: bytes) -> Iterator[Frame]:
         yield ev
 
 
-def feed(replica: Replica, data: bytes, *, last_epoch: int | None = None) -> EpochComplete:
+def feed(replica: Replica, data: bytes, *, last_epoch: int | None = None,
+         on_sealed: Callable[[], object] | None = None) -> EpochComplete:
     """Decode an epoch's frames, stage them, commit on EPOCH_END (as the shadow agent)."""
     asm = EpochAssembler(generation=replica.generation,
                          last_epoch=replica.committed_epoch if last_epoch is None else last_epoch)
@@ -170,7 +171,7 @@ def feed(replica: Replica, data: bytes, *, last_epoch: int | None = None) -> Epo
         if complete is None:
             replica.stage(frame)
         else:
-            replica.commit(complete)
+            replica.commit(complete, on_sealed=on_sealed)
     assert complete is not None
     return complete
 

@@ -156,6 +156,33 @@ def test_kill_after_commit_returned(
         assert_holds(r, after)
 
 
+def test_on_sealed_comes_between_the_record_and_the_apply(
+    tmp_path: Path, scenario: tuple[Path, bytes, Snapshot, Snapshot, list[str]]
+) -> None:
+    """The shadow agent acknowledges in ``on_sealed``: it comes once the commit record is
+    synced, before anything is applied, and a kill right there still recovers the epoch."""
+    base, data_n, _, after, _ = scenario
+    d = tmp_path / "order"
+    shutil.copytree(base, d)
+    seen: list[str] = []
+    with Replica.open(d, step_hook=seen.append) as r:
+        feed(r, data_n, on_sealed=lambda: seen.append("sealed"))
+        assert_holds(r, after)
+    k = seen.index("sealed")
+    assert seen[k - 1] == "commit:record-synced" and seen[k + 1].startswith("commit:applied:")
+    d = tmp_path / "acked-sealed"
+    shutil.copytree(base, d)
+
+    def child() -> None:
+        with Replica.open(d) as r:
+            feed(r, data_n, on_sealed=_kill_self)
+
+    assert _in_child(child) == signal.SIGKILL
+    with Replica.open(d) as r:
+        assert r.recovery.action is RecoveryAction.REPLAYED
+        assert_holds(r, after)
+
+
 def test_kill_during_recovery(
     tmp_path: Path, scenario: tuple[Path, bytes, Snapshot, Snapshot, list[str]]
 ) -> None:

@@ -105,6 +105,7 @@ async def _replicate(name: str, listen: Callable[[], Awaitable[Listener]], conne
         await _hello(link)
         for ep_frames, n in zip(epochs[:3], numbers[:3], strict=True):
             await _ship(link, ep_frames, n)
+            await shadow.wait_committed(n)  # acked when durable, applied after
             assert replica.committed_epoch == n
             got = ram_digest(_replica_ram(replica, mib))
             assert got == want[n], f"{name}: replica differs from the primary at epoch {n}"
@@ -127,6 +128,7 @@ async def _replicate(name: str, listen: Callable[[], Awaitable[Listener]], conne
         link = await connect(host, port)
         await _hello(link)
         await _ship(link, epochs[4], numbers[4])
+        await shadow.wait_committed(numbers[4])
         assert replica.committed_epoch == numbers[4]
         ram = _replica_ram(replica, mib)
         got = ram_digest(ram)
