@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from array import array
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qmpshadow._twins import load_twin
@@ -87,11 +89,14 @@ class UnchangedFilter:
             f"unknown={self._unknown})"
         )
 
-    def scan(self, ram: Any) -> array[int]:
+    def scan(self, ram: Any, *, threads: int = 1) -> array[int]:
         """Shared-RAM source: indices of pages of ``ram`` that changed since the last scan.
 
         Unknown pages (first scan, after :meth:`reset` or :meth:`forget`) are always
-        reported. Raises ConfigError when ``ram`` is not ``npages`` whole pages.
+        reported. ``threads`` > 1 splits the pages into that many runs hashed in parallel
+        (the compiled twin releases the GIL: a stopped primary's RAM is scanned in about
+        half the time on two free cores). Raises ConfigError when ``ram`` is not ``npages``
+        whole pages or ``threads`` < 1.
         """
         size = memoryview(ram).nbytes
         if size != self.npages * self.page_size:
@@ -99,12 +104,14 @@ class UnchangedFilter:
                 f"RAM buffer is {size} bytes, the filter covers {self.npages} pages of "
                 f"{self.page_size}"
             )
+        if threads < 1:
+            raise ConfigError(f"scan threads must be >= 1, got {threads}")
         if self._unknown == self.npages:
-            hash_pages(ram, self.page_size, self._seed, self.table)
+            self._split(hash_pages, ram, threads)
             self.known[:] = b"\x01" * self.npages
             self._unknown = 0
             return array("Q", range(self.npages))
-        changed = scan_changed(ram, self.page_size, self._seed, self.table)
+        changed = self._split(scan_changed, ram, threads)
         if self._unknown:
             # Forgotten pages may hash as before; report them anyway.
             extra = [m.start() for m in _UNKNOWN.finditer(self.known)]
@@ -113,6 +120,41 @@ class UnchangedFilter:
             self._unknown = 0
             changed = array("Q", sorted(set(changed).union(extra)))
         return changed
+
+    def _split(self, fn: Callable[[Any, int, int, Any], Any], ram: Any,
+               threads: int) -> array[int]:
+        """``fn(ram, page_size, seed, table)`` over ``threads`` runs of pages, the first in
+        this thread; the changed indices (if ``fn`` returns any) of all runs, in order."""
+        parts = min(threads, self.npages) or 1
+        if parts == 1:
+            got = fn(ram, self.page_size, self._seed, self.table)
+            return got if got is not None else array("Q")
+        mv, tv, ps = memoryview(ram).cast("B"), memoryview(self.table), self.page_size
+        bounds = [self.npages * k // parts for k in range(parts + 1)]
+        results: list[Any] = [None] * parts
+        errors: list[BaseException] = []
+
+        def run(k: int) -> None:
+            lo, hi = bounds[k], bounds[k + 1]
+            try:
+                results[k] = fn(mv[lo * ps : hi * ps], ps, self._seed, tv[lo:hi])
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        workers = [threading.Thread(target=run, args=(k,), name=f"scan-{k}")
+                   for k in range(1, parts)]
+        for w in workers:
+            w.start()
+        run(0)
+        for w in workers:
+            w.join()
+        if errors:
+            raise errors[0]
+        out = array("Q")
+        for k, got in enumerate(results):
+            lo = bounds[k]
+            out.extend(i + lo for i in got or ())
+        return out
 
     def filter(self, indices: Any, pages: Any) -> int:
         """Batch of dirty pages (COLO source): keep only the changed ones, compacted in place.

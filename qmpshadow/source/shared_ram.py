@@ -70,11 +70,15 @@ class SharedRamSource:
     def __init__(self, qmp: QmpControl, *, mem_path: str | Path, main_block: str,
                  sock_path: str | Path, page_size: int = 4096,
                  seed: int | None = None, size: int | None = None,
-                 disks: DiskReplicator | None = None) -> None:
+                 disks: DiskReplicator | None = None, scan_threads: int | None = None
+                 ) -> None:
         """``size``: the RAM block's length when the file may be longer (a promoted
         shadow's RAM file is a replica's, with a trailer page after the block).
-        ``disks``: capture the VM's disks at each checkpoint too (docs/disks.md)."""
+        ``disks``: capture the VM's disks at each checkpoint too (docs/disks.md).
+        ``scan_threads``: threads hashing the stopped primary's RAM (default: one per CPU,
+        at most 4; the pause is mostly this scan, and the vCPUs' cores are idle then)."""
         self.disks = disks
+        self.scan_threads = scan_threads or min(4, os.cpu_count() or 1)
         # Disk epochs take device state with xen-save-devices-state (no block-node
         # inactivation, so the backup runs after cont); these are the fallbacks' reasons.
         self._blocks: tuple[RamBlock, ...] | None = None
@@ -204,6 +208,7 @@ class SharedRamSource:
         t0 = time.monotonic()
         self.stopped_at = None
         await qmp.stop()
+        scan = self._start_scan()
         ok = False
         disk: list[tuple[int, int, bytes]] = []
         disk_cap: DiskCapture | None = None
@@ -228,12 +233,11 @@ class SharedRamSource:
             if ps != self.page_size:
                 raise StreamFormatError(f"page size {ps}, expected {self.page_size}",
                                         offset=0)
-            # off the event loop: lease renewals share it, and a 1 GiB scan takes
-            # 100-200 ms here (the compiled twin releases the GIL), a full copy more
-            changed, pages = await asyncio.to_thread(self._scan_copy, ps)
+            changed, pages = await asyncio.shield(scan)
             await self._while_stopped(held, release)
             ok = True
         finally:
+            await self._scan_done(scan)
             if resume or not ok:
                 await qmp.cont()
         t1 = time.monotonic()
@@ -272,6 +276,7 @@ class SharedRamSource:
         self._force_full = True  # until this epoch is captured
         dev_path = Path(self.sock_path).with_suffix(".dev")
         await qmp.stop()
+        scan = self._start_scan()
         try:
             try:
                 await qmp.execute("xen-save-devices-state",
@@ -281,9 +286,10 @@ class SharedRamSource:
                     self._xen = False  # from now on the migrate path, copy in the pause
                 raise
             pending = await self.disks.start(hold=True)
-            changed, pages = await asyncio.to_thread(self._scan_copy, self.page_size)
+            changed, pages = await asyncio.shield(scan)
             await self._while_stopped(held, release)
         finally:
+            await self._scan_done(scan)
             await qmp.cont()
         t1 = time.monotonic()
         await self.disks.release(pending)
@@ -320,10 +326,26 @@ class SharedRamSource:
         if self.on_stopped is not None:
             self.on_stopped(self.epoch_number + 1)
 
+    def _start_scan(self) -> asyncio.Future[tuple[Any, dict[int, bytes]]]:
+        """The RAM scan of the stopped primary, started at once: it runs in a worker
+        thread (the compiled twin releases the GIL; a 1 GiB scan takes 100-200 ms here,
+        and lease renewals share this event loop) while QEMU saves the device state, so
+        the pause holds the longer of the two, not their sum."""
+        return asyncio.ensure_future(asyncio.to_thread(self._scan_copy, self.page_size))
+
+    @staticmethod
+    async def _scan_done(scan: asyncio.Future[Any]) -> None:
+        """Never ``cont`` while the scan still reads RAM (an epoch that failed too: its
+        result is dropped, its error is the checkpoint's own or none)."""
+        if not scan.done():
+            await asyncio.wait({scan})
+        if not scan.cancelled():
+            scan.exception()  # retrieved: a failure after a failure is not news
+
     def _scan_copy(self, ps: int) -> tuple[Any, dict[int, bytes]]:
         mm, filt = self._mm, self._filter
         assert mm is not None and filt is not None
-        changed = filt.scan(mm)
+        changed = filt.scan(mm, threads=self.scan_threads)
         return changed, {i: mm[i * ps : (i + 1) * ps] for i in changed}
 
     async def _pause_from_events(self, since: int) -> float | None:

@@ -201,6 +201,28 @@ def test_filter_scan_first_reports_all_then_changes() -> None:
     assert list(f.scan(ram)) == [5]
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7, 64])
+def test_filter_scan_in_threads_equals_one_thread(threads: int) -> None:
+    """Runs split at page boundaries (31 pages: uneven runs; 64 threads: more threads
+    than pages) report the same pages, in order, and leave the same table."""
+    rng = random.Random(threads)
+    ram = bytearray(rng.randbytes(31 * PS))
+    one, many = UnchangedFilter(31, PS, seed=7), UnchangedFilter(31, PS, seed=7)
+    assert list(many.scan(ram, threads=threads)) == list(one.scan(ram)) == list(range(31))
+    assert many.table == one.table
+    for _ in range(5):
+        for i in rng.sample(range(31), rng.randrange(0, 9)):
+            ram[i * PS + rng.randrange(PS)] ^= 0xFF
+        forgotten = rng.sample(range(31), 2)
+        one.forget(forgotten)
+        many.forget(forgotten)
+        got = list(many.scan(ram, threads=threads))
+        assert got == list(one.scan(ram)) and got == sorted(got)
+        assert many.table == one.table
+    with pytest.raises(ConfigError):
+        many.scan(ram, threads=0)
+
+
 def test_filter_forget_and_reset() -> None:
     ram = bytearray(32 * PS)
     f = UnchangedFilter(32, PS, seed=42)
