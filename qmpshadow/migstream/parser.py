@@ -749,7 +749,9 @@ def _layout_of(region: bytes, sections: list[DeviceSection]) -> _Layout:
     out = []
     q = 0
     for sec in sections:
-        body = q + 14 + len(sec.idstr)
+        hdr = _parse_full_header(region, q)
+        assert hdr is not None, "sections come from _split_devices(region)"
+        body = hdr[4]
         r = body + len(sec.payload)
         out.append((q, body, r, region[q:body],
                     (sec.section_id, sec.idstr, sec.instance_id, sec.version_id)))
