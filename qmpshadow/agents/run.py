@@ -365,11 +365,18 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                 elif task in finished:
-                    task.result()
+                    exc = task.exception()
+                    if exc is not None and (cl is None or not (
+                            not cl.primary.alive or await cl.primary.wait(0.5))):
+                        raise exc
                     if cl is not None:
-                        # the primary's stream ended: it died, or a switchover killed it
-                        # and is about to report; the cluster side settles the outcome
+                        # the primary's stream ended, or broke off mid-checkpoint: it
+                        # died, or a switchover killed it and is about to report; the
+                        # cluster side settles the outcome (a release, never a clean end)
                         await asyncio.wait({cl.done}, timeout=5.0)
+                        if exc is not None:
+                            log.info("the primary's COLO stream broke off as it died: %s",
+                                     exc)
                 else:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

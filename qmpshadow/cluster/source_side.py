@@ -222,7 +222,14 @@ class SourceCluster:
         not, the lease runs out and the primary is fenced as usual)."""
         if end and self.sm.state in (SourceState.UNPROTECTED, SourceState.PROTECTED,
                                      SourceState.FENCED, SourceState.FENCING):
-            self._feed(EndProtection(now=time.monotonic()))
+            if self.primary.alive:
+                self._feed(EndProtection(now=time.monotonic()))
+            else:
+                # gone, though its exit was not reported yet (the caller's error came
+                # first): ending protection now would leave the shadow waiting for a
+                # holder that never renews or releases (the shadow cannot promote)
+                self._feed(PrimaryExited(now=time.monotonic(),
+                                         reason="the primary QEMU exited"))
             await asyncio.wait({self.done}, timeout=self.timing.lease + 1)
         for task in (self._loop_task, self._qmp_task, *self._tasks):
             if task is not None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -39,12 +40,14 @@ def _require_qemu() -> None:
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A temporary directory with a short path (for unix sockets), removed afterwards."""
+    """A temporary directory with a short path (for unix sockets), removed afterwards
+    (kept with ``QS_KEEP_TMP=1``, to read agents' logs after a failure)."""
     path = Path(tempfile.mkdtemp(prefix="qs-", dir="/tmp"))
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.environ.get("QS_KEEP_TMP"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
