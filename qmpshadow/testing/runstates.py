@@ -26,6 +26,8 @@ class RunStates:
         self.socks = socks
         self.period = period
         self.samples: dict[str, list[tuple[float, bool]]] = {n: [] for n in socks}
+        #: (sent, answered, running) per sample: the state held at some time in between
+        self.windows: dict[str, list[tuple[float, float, bool]]] = {n: [] for n in socks}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> RunStates:
@@ -43,15 +45,17 @@ class RunStates:
         qmp: QmpControl | None = None
         if isinstance(sock, QmpControl):
             while True:
+                sent = time.time()
                 try:
                     running = (await sock.query_status(timeout=0.5)).running
                 except QmpShadowError:
                     running = False
-                self.samples[name].append((time.time(), running))
+                self._sample(name, sent, running)
                 await asyncio.sleep(self.period)
         try:
             while True:
                 running = False
+                sent = time.time()
                 try:
                     if qmp is None:
                         qmp = await QmpControl.open(sock, timeout=0.5)
@@ -61,11 +65,16 @@ class RunStates:
                     if qmp is not None:
                         await qmp.close()
                     qmp = None
-                self.samples[name].append((time.time(), running))
+                self._sample(name, sent, running)
                 await asyncio.sleep(self.period)
         finally:
             if qmp is not None:
                 await qmp.close()
+
+    def _sample(self, name: str, sent: float, running: bool) -> None:
+        now = time.time()
+        self.samples[name].append((now, running))
+        self.windows[name].append((sent, now, running))
 
     def running_now(self, name: str) -> bool | None:
         """The latest sample of ``name`` (None before the first)."""
@@ -97,10 +106,18 @@ class RunStates:
         return total
 
     def both_seen(self, a: str, b: str) -> int:
-        """Sample pairs (same poll round, ±period) where both reported running."""
-        runs_b = [t for t, r in self.samples[b] if r]
+        """Samples of ``a`` seen running whose query window (sent .. answered) meets the
+        window of a sample of ``b`` seen running: both may have run at once.
+
+        Windows, not answer times: a poller starved for a while (a loaded host) stamps the
+        answers it finds waiting when it runs again with that late time, and a stale
+        "running" of the old copy would then sit next to the new copy's first fresh one
+        (a false alarm); a real overlap longer than a poll round still shows, as both
+        queries of that round are answered "running".
+        """
+        runs_b = [(s, e) for s, e, r in self.windows[b] if r]
         n = 0
-        for t, r in self.samples[a]:
-            if r and any(abs(t - tb) <= self.period * 2 for tb in runs_b):
+        for s, e, r in self.windows[a]:
+            if r and any(s <= eb and sb <= e for sb, eb in runs_b):
                 n += 1
         return n
