@@ -17,6 +17,7 @@ otherwise the old primary is killed without ever being answered.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -60,10 +61,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EpochReady:
-    """An epoch is captured; ``answers`` are the return-path messages it calls for."""
+    """An epoch is captured; ``answers`` are the return-path messages it calls for.
+
+    With :attr:`ColoCapture.defer_pages` its pages are copied out of the stream only by
+    :meth:`take_pages` (until then ``epoch.main`` and ``epoch.small`` are empty): the
+    shell answers first, then copies, so the primary's pause does not include the copy.
+    """
 
     epoch: CapturedEpoch
     answers: list[ColoMessage]
+    pending: list[RamRecords] = field(default_factory=list)
+
+    def take_pages(self) -> None:
+        """Copy the deferred pages into the epoch (a no-op once done)."""
+        for ev in self.pending:
+            _copy_pages(self.epoch, ev)
+        self.pending = []
 
 
 @dataclass
@@ -85,6 +98,10 @@ class ColoCapture:
     _devices: list[bytes] = field(default_factory=list)
     _request_at: float | None = None
     ended: bool = False
+    #: leave the page copies to :meth:`EpochReady.take_pages` (the RAM records refer
+    #: into the received chunks, which stay valid)
+    defer_pages: bool = False
+    _records: list[RamRecords] = field(default_factory=list)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes of the primary's stream (``b""`` when it closed)."""
@@ -137,8 +154,7 @@ class ColoCapture:
                 ep = self._epoch()
                 ep.device_state = b"".join(self._devices) + b"\x00"
                 self._devices = []
-                self._current = None
-                return EpochReady(ep, [ColoMessage.CHECKPOINT_READY])
+                return self._ready(ep, [ColoMessage.CHECKPOINT_READY])
             elif isinstance(ev, ColoMessageEvent):
                 if ev.message == ColoMessage.CHECKPOINT_REQUEST:
                     self._request_at = time.monotonic()
@@ -147,31 +163,47 @@ class ColoCapture:
                 ep = self._epoch()
                 ep.device_state = ev.data
                 ep.device_format = DeviceStateFormat.QEMU_SECTIONS
-                self._current = None
-                return EpochReady(ep, [ColoMessage.VMSTATE_RECEIVED, ColoMessage.VMSTATE_LOADED])
+                return self._ready(ep, [ColoMessage.VMSTATE_RECEIVED,
+                                        ColoMessage.VMSTATE_LOADED])
             elif isinstance(ev, EndOfStream):
                 self.ended = True
                 return None
 
     def _take_records(self, ev: RamRecords) -> None:
         ep = self._epoch()
-        ps = ev.page_size
-        data = ev.data
-        zero = bytes(ps)
-        main = ep.main
-        for flags, offset, block, pos in ev.records:
-            if flags & RamFlag.PAGE:
-                page = bytes(data[pos : pos + ps])
-            else:
-                fill = data[pos]
-                page = zero if fill == 0 else bytes([fill]) * ps
-            ep.reported_pages += 1
-            if block == self.main_block:
-                main[offset // ps] = page
-            else:
-                ep.small.setdefault(block, {})[offset] = page
+        ep.reported_pages += len(ev.records)
+        if self.defer_pages:
+            self._records.append(ev)
+        else:
+            _copy_pages(ep, ev)
+
+    def _ready(self, ep: CapturedEpoch, answers: list[ColoMessage]) -> EpochReady:
+        self._current = None
+        pending, self._records = self._records, []
+        return EpochReady(ep, answers, pending)
 
 
+def _copy_pages(ep: CapturedEpoch, ev: RamRecords) -> None:
+    """The pages of ``ev`` into ``ep`` (each its own bytes)."""
+    ps = ev.page_size
+    data = ev.data
+    zero = bytes(ps)
+    main = ep.main
+    main_block = ep.main_block
+    page_flag = _PAGE
+    for flags, offset, block, pos in ev.records:
+        if flags & page_flag:
+            page = bytes(data[pos : pos + ps])
+        else:
+            fill = data[pos]
+            page = zero if fill == 0 else bytes([fill]) * ps
+        if block == main_block:
+            main[offset // ps] = page
+        else:
+            ep.small.setdefault(block, {})[offset] = page
+
+
+_PAGE = int(RamFlag.PAGE)
 EpochSink = Callable[[CapturedEpoch], Awaitable[None]]
 #: how often a checkpoint asked for is asked for again while none came (see
 #: ColoSource._notify_until)
@@ -202,11 +234,12 @@ class ColoSource:
         self.sink = sink
         self.ack_mode = ack_mode
         self.delay = checkpoint_delay_ms
-        self.capture = ColoCapture(main_block)
+        self.capture = ColoCapture(main_block, defer_pages=True)
         self.epochs = 0
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[None] | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: _PrimaryLink | None = None
+        self._serving: asyncio.Future[None] | None = None
         self._hold: asyncio.Future[CapturedEpoch] | None = None
         self._next_done: asyncio.Future[int] | None = None
         self._held_answer: bytes | None = None
@@ -247,7 +280,7 @@ class ColoSource:
         Raises QmpShadowError: no COLO session, a checkpoint already held, QMP failed, or
         no checkpoint within ``timeout`` (the primary runs on).
         """
-        if (self._writer is None or self._writer.is_closing() or self._done is None
+        if (self._link is None or self._link.is_closing() or self._done is None
                 or self._done.done()):
             raise QmpShadowError("no COLO session with the primary: cannot take a final "
                                  "checkpoint")
@@ -349,17 +382,14 @@ class ColoSource:
         Raises nothing: a dead connection is reported as False.
         """
         answer, self._held_answer = self._held_answer, None
-        if answer is None or self._writer is None or self._writer.is_closing():
+        if answer is None or self._link is None or self._link.is_closing():
             return False
-        try:
-            await self._answer(self._writer, answer)
-        except (OSError, ConnectionError):
-            return False
+        self._answered(self._link, answer)
         return True
 
-    async def _answer(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
-        writer.write(answer)
-        await writer.drain()
+    def _answered(self, link: _PrimaryLink, answer: bytes) -> None:
+        """Send a checkpoint's answer (the primary resumes on it) and note when."""
+        link.write(answer)
         self._answered_seq = self.qmp.last_event_seq
         self.in_checkpoint = False
         self.answered_at = asyncio.get_running_loop().time()
@@ -388,7 +418,7 @@ class ColoSource:
         self._done = loop.create_future()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
-        self._server = await asyncio.start_unix_server(self._handle, self.sock_path)
+        self._server = await loop.create_unix_server(self._connected, self.sock_path)
         try:
             if self.disks is not None:
                 await self.disks.open()
@@ -403,8 +433,11 @@ class ColoSource:
             await self._done
         finally:
             self._server.close()
-            if self._writer is not None:  # hang up: the primary's next REQUEST fails
-                self._writer.close()
+            if self._link is not None:  # hang up: the primary's next REQUEST fails
+                self._link.close()
+            if self._serving is not None:
+                self._serving.cancel()
+                await asyncio.gather(self._serving, return_exceptions=True)
             if self.disks is not None:
                 await self.disks.close()
             with contextlib.suppress(FileNotFoundError):
@@ -429,72 +462,178 @@ class ColoSource:
         ep.disk = cap.blocks
         ep.disk_full = cap.full
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> None:
-        assert self._done is not None
-        if self._writer is not None:
-            writer.close()  # one primary per source
-            return
-        self._writer = writer
+    def _connected(self) -> _PrimaryLink:
+        return _PrimaryLink(self)
+
+    def _on_items(self, link: _PrimaryLink) -> None:
+        """Parse what the primary sent so far, as it arrives (called from the protocol).
+
+        Runs in the transport's callback, not in :meth:`_serve`'s task, so that a
+        checkpoint's answer in async mode goes out as soon as its last byte is parsed:
+        no task wakeup between the device state's arrival and the answer (which resumes
+        the primary). Epochs are queued for :meth:`_serve` in order; reading pauses while
+        one is queued, so the primary's next checkpoint waits for the sink, as it would
+        with a reader that awaits the sink before reading on.
+        """
         cap = self.capture
+        while (item := cap.next_event()) is not None:
+            if isinstance(item, Answer):  # CHECKPOINT_REQUEST: one starts
+                self.in_checkpoint = True
+                for w in self._request_waiters:
+                    if not w.done():
+                        w.set_result(None)
+                link.write(b"".join(encode_colo(m) for m in item.answers))
+                continue
+            self.epochs += 1
+            ep = item.epoch
+            if self.on_stopped is not None:
+                # the primary waits for our answer: all it produced is before it
+                self.on_stopped(ep.number)
+            early = (self.ack_mode == "async" and self.disks is None
+                     and not (self._hold is not None and not self._hold.done()))
+            if early:
+                self._answered(link, b"".join(encode_colo(m) for m in item.answers))
+            item.take_pages()  # after the early answer: the primary runs meanwhile
+            link.queue.append((item, early))
+            link.pause()
+            break  # the rest is parsed once _serve took this epoch
+
+    async def _serve(self, link: _PrimaryLink) -> None:
+        """The primary's epochs, in order: answers that wait (sync, disks, a held
+        switchover) and the sink."""
+        assert self._done is not None
         try:
             while True:
-                chunk = await reader.read(4 << 20)
-                cap.receive_data(chunk)
-                while (item := cap.next_event()) is not None:
-                    if isinstance(item, Answer):  # CHECKPOINT_REQUEST: one starts
-                        self.in_checkpoint = True
-                        for w in self._request_waiters:
-                            if not w.done():
-                                w.set_result(None)
-                        writer.write(b"".join(encode_colo(m) for m in item.answers))
-                        await writer.drain()
-                        continue
-                    self.epochs += 1
-                    answer = b"".join(encode_colo(m) for m in item.answers)
-                    ep = item.epoch
-                    if self.on_stopped is not None:
-                        # the primary waits for our answer: all it produced is before it
-                        self.on_stopped(ep.number)
-                    held = self._hold is not None and not self._hold.done()
-                    pending = None
-                    if self.disks is not None:
-                        # the primary is stopped until it gets our answer: the disk's
-                        # checkpoint is now
-                        full = ep.full or (self.disk_full is not None and self.disk_full())
-                        with contextlib.suppress(DiskError):  # _take_disk marks the epoch
-                            pending = await self.disks.start(
-                                full=full, hold=self.ack_mode == "async" and not held)
-                    if held:
-                        # the switchover's final epoch: it ships it; nobody answers. Its
-                        # disk copy runs inside the held pause, as in sync mode
-                        if self.disks is not None:
-                            await self._take_disk(ep, pending, release=False)
-                        self._held_answer = answer
-                        self._held_since = self._answered_seq  # its STOP is newer
-                        assert self._hold is not None
-                        self._hold.set_result(ep)
-                        continue
-                    if self.ack_mode == "async":
-                        await self._answer(writer, answer)
-                        if self.disks is not None:
-                            await self._take_disk(ep, pending, release=True)
-                        await self.sink(ep)
-                    else:
-                        if self.disks is not None:  # sync: the copy is inside the pause
-                            await self._take_disk(ep, pending, release=False)
-                        await self.sink(ep)
-                        await self._answer(writer, answer)
-                    if self._next_done is not None and not self._next_done.done():
-                        self._next_done.set_result(ep.number)
-                if not chunk or cap.ended:
-                    break
+                if not link.queue:
+                    if link.error is not None:
+                        raise link.error
+                    if link.closed or self.capture.ended:
+                        break
+                    link.wake.clear()
+                    link.resume()
+                    await link.wake.wait()
+                    continue
+                item, answered = link.queue.popleft()
+                await self._take(link, item, answered)
+                if self._next_done is not None and not self._next_done.done():
+                    self._next_done.set_result(item.epoch.number)
+                link.parse()  # what arrived meanwhile (reading resumes once drained)
             if not self._done.done():
                 self._done.set_result(None)
         except Exception as exc:  # delivered to run(); the connection closes below
             if not self._done.done():
                 self._done.set_exception(exc)
         finally:
-            writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+            link.close()
+
+    async def _take(self, link: _PrimaryLink, item: EpochReady, answered: bool) -> None:
+        answer = b"".join(encode_colo(m) for m in item.answers)
+        ep = item.epoch
+        held = self._hold is not None and not self._hold.done()
+        pending = None
+        if self.disks is not None:
+            # the primary is stopped until it gets our answer: the disk's checkpoint is now
+            full = ep.full or (self.disk_full is not None and self.disk_full())
+            with contextlib.suppress(DiskError):  # _take_disk marks the epoch
+                pending = await self.disks.start(
+                    full=full, hold=self.ack_mode == "async" and not held)
+        if held and not answered:
+            # the switchover's final epoch: it ships it; nobody answers. Its disk copy
+            # runs inside the held pause, as in sync mode
+            if self.disks is not None:
+                await self._take_disk(ep, pending, release=False)
+            self._held_answer = answer
+            self._held_since = self._answered_seq  # its STOP is newer
+            assert self._hold is not None
+            self._hold.set_result(ep)
+            return
+        if self.ack_mode == "async":
+            if not answered:
+                self._answered(link, answer)
+            if self.disks is not None:
+                await self._take_disk(ep, pending, release=True)
+            await self.sink(ep)
+        else:
+            if self.disks is not None:  # sync: the copy is inside the pause
+                await self._take_disk(ep, pending, release=False)
+            await self.sink(ep)
+            self._answered(link, answer)
+
+
+class _PrimaryLink(asyncio.Protocol):
+    """The primary's migration connection: bytes go to the capture as they arrive."""
+
+    def __init__(self, src: ColoSource) -> None:
+        self.src = src
+        self.transport: asyncio.Transport | None = None
+        self.queue: collections.deque[tuple[EpochReady, bool]] = collections.deque()
+        self.wake = asyncio.Event()
+        self.error: BaseException | None = None
+        self.closed = False
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.src._link is not None:
+            transport.close()  # one primary per source
+            self.closed = True
+            return
+        self.transport = transport
+        self.src._link = self
+        self.src._serving = asyncio.ensure_future(self.src._serve(self))
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._feed(b"")
+        return False
+
+    def _feed(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            self.src.capture.receive_data(data)
+        except Exception as exc:  # a bad stream: _serve raises it
+            self.error = exc
+            self.pause()
+            self.wake.set()
+            return
+        self.parse()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def parse(self) -> None:
+        """Parse what is buffered, unless an epoch waits for :meth:`ColoSource._serve`."""
+        if self.queue or self.error is not None:
+            return
+        try:
+            self.src._on_items(self)
+        except Exception as exc:  # a bad stream: _serve raises it
+            self.error = exc
+            self.pause()
+        self.wake.set()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
