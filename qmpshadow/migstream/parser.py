@@ -140,6 +140,12 @@ class StreamParser:
         """Feed received bytes; ``b""`` means the input ended."""
         self._in.feed(data)
 
+    def colo_vmstate_buffered(self) -> bool:
+        """A COLO checkpoint's device state (announced by VMSTATE_SIZE) is wholly received
+        and not parsed yet: the next event is its :class:`ColoVmstate` (or an error)."""
+        return (self._state == _S_COLO_VMSTATE and not self._pending
+                and self._in.available() >= self._colo_size)
+
     def next_event(self) -> Event | _NeedData:
         """The next event, or NEED_DATA. Raises StreamFormatError on bad input."""
         while True:

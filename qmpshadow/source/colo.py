@@ -80,6 +80,16 @@ class EpochReady:
 
 
 @dataclass
+class Received:
+    """With :attr:`ColoCapture.early_ack`: checkpoint ``number``'s bytes are all here
+    (not parsed yet); ``answers`` may go now if the ack mode allows. Its
+    :class:`EpochReady` follows, with the same answers (the shell sends them once)."""
+
+    number: int
+    answers: list[ColoMessage]
+
+
+@dataclass
 class Answer:
     """Return-path messages to send now (not tied to an epoch: CHECKPOINT_REPLY)."""
 
@@ -101,7 +111,11 @@ class ColoCapture:
     #: leave the page copies to :meth:`EpochReady.take_pages` (the RAM records refer
     #: into the received chunks, which stay valid)
     defer_pages: bool = False
+    #: report :class:`Received` as soon as a checkpoint's device state is buffered,
+    #: before it is parsed and split
+    early_ack: bool = False
     _records: list[RamRecords] = field(default_factory=list)
+    _received: bool = False
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes of the primary's stream (``b""`` when it closed)."""
@@ -119,7 +133,7 @@ class ColoCapture:
                 main_block=self.main_block, page_size=self.parser.page_size)
         return self._current
 
-    def next_event(self) -> EpochReady | Answer | None:
+    def next_event(self) -> EpochReady | Received | Answer | None:
         """The next thing the shell must act on, or None when more bytes are needed.
 
         Raises StreamFormatError for a bad stream, StreamUnsupportedError for XBZRLE (the
@@ -127,6 +141,10 @@ class ColoCapture:
         primary's RAM.
         """
         while True:
+            if self.early_ack and not self._received and self.parser.colo_vmstate_buffered():
+                self._received = True
+                return Received(self._epoch().number, [ColoMessage.VMSTATE_RECEIVED,
+                                                       ColoMessage.VMSTATE_LOADED])
             ev = self.parser.next_event()
             if isinstance(ev, _NeedData):
                 return None
@@ -163,6 +181,7 @@ class ColoCapture:
                 ep = self._epoch()
                 ep.device_state = ev.data
                 ep.device_format = DeviceStateFormat.QEMU_SECTIONS
+                self._received = False
                 return self._ready(ep, [ColoMessage.VMSTATE_RECEIVED,
                                         ColoMessage.VMSTATE_LOADED])
             elif isinstance(ev, EndOfStream):
@@ -221,7 +240,7 @@ class ColoSource:
     def __init__(self, qmp: QmpControl, *, main_block: str, sock_path: str | Path,
                  sink: EpochSink, ack_mode: AckMode = "async",
                  checkpoint_delay_ms: int = 200, disks: DiskReplicator | None = None,
-                 disk_full: Callable[[], bool] | None = None) -> None:
+                 disk_full: Callable[[], bool] | None = None, spin_ms: float = 5.0) -> None:
         """``disks``: capture the VM's disks at each checkpoint too, while the primary
         waits for our answer (COLO keeps block nodes active); ``disk_full()`` says
         whether the next capture must copy every block (the shadow needs a full epoch)."""
@@ -234,7 +253,9 @@ class ColoSource:
         self.sink = sink
         self.ack_mode = ack_mode
         self.delay = checkpoint_delay_ms
-        self.capture = ColoCapture(main_block, defer_pages=True)
+        self.capture = ColoCapture(main_block, defer_pages=True, early_ack=True)
+        #: the checkpoint being parsed was answered on :class:`Received`
+        self._early = False
         self.epochs = 0
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[None] | None = None
@@ -257,6 +278,13 @@ class ColoSource:
         self.on_answered: Callable[[], None] | None = None
         #: loop time of the last answer (the primary resumed then); None before the first
         self.answered_at: float | None = None
+        #: async mode without disks: once a checkpoint starts (our REPLY), read its bytes
+        #: by polling the socket for up to this long instead of sleeping in the event
+        #: loop. Waking a sleeping thread costs this host (nested KVM) a few hundred
+        #: microseconds, and the primary, stopped, waits for each wakeup: ours as its bytes
+        #: arrive, and its own once its socket buffer filled because we had not read
+        #: yet. 0 turns it off.
+        self.spin_ms = spin_ms
         #: a checkpoint is in flight: CHECKPOINT_REQUEST seen, the answer not sent yet
         self.in_checkpoint = False
         self._request_waiters: list[asyncio.Future[None]] = []
@@ -483,16 +511,26 @@ class ColoSource:
                     if not w.done():
                         w.set_result(None)
                 link.write(b"".join(encode_colo(m) for m in item.answers))
+                if self.spin_ms and self.ack_mode == "async" and self.disks is None:
+                    link.spin_until = time.monotonic() + self.spin_ms / 1000
+                continue
+            if isinstance(item, Received):
+                # async, no disks, no switchover waiting to hold it: answer now, before
+                # parsing the device state (the primary is paused until the answer)
+                if (self.ack_mode == "async" and self.disks is None
+                        and not (self._hold is not None and not self._hold.done())):
+                    if self.on_stopped is not None:
+                        self.on_stopped(item.number)
+                    self._answered(link, b"".join(encode_colo(m) for m in item.answers))
+                    self._early = True
+                link.spin_until = 0.0
                 continue
             self.epochs += 1
             ep = item.epoch
-            if self.on_stopped is not None:
+            early, self._early = self._early, False
+            if self.on_stopped is not None and not early:
                 # the primary waits for our answer: all it produced is before it
                 self.on_stopped(ep.number)
-            early = (self.ack_mode == "async" and self.disks is None
-                     and not (self._hold is not None and not self._hold.done()))
-            if early:
-                self._answered(link, b"".join(encode_colo(m) for m in item.answers))
             item.take_pages()  # after the early answer: the primary runs meanwhile
             link.queue.append((item, early))
             link.pause()
@@ -571,6 +609,8 @@ class _PrimaryLink(asyncio.Protocol):
         self.error: BaseException | None = None
         self.closed = False
         self._paused = False
+        #: read by polling until then (monotonic; 0: not): see ColoSource.spin_ms
+        self.spin_until = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -584,6 +624,29 @@ class _PrimaryLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
+        if self.spin_until:
+            self._spin()
+
+    def _spin(self) -> None:
+        """Read the rest of the checkpoint by polling the socket (see
+        :attr:`ColoSource.spin_ms`); the bytes go where the transport's would, in order
+        (this runs in the loop's thread, between the transport's reads)."""
+        assert self.transport is not None
+        fd = self.transport.get_extra_info("socket").fileno()
+        while (self.spin_until and not self.queue and self.error is None
+               and not self.closed and time.monotonic() < self.spin_until):
+            try:
+                data = os.read(fd, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                break  # the transport sees the error on its next read
+            if not data:
+                self.eof_received()
+                self.transport.close()
+                break
+            self._feed(data)
+        self.spin_until = 0.0
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -615,7 +678,8 @@ class _PrimaryLink(asyncio.Protocol):
         except Exception as exc:  # a bad stream: _serve raises it
             self.error = exc
             self.pause()
-        self.wake.set()
+        if self.queue or self.error is not None or self.closed:
+            self.wake.set()  # else _serve has nothing to do: not woken for nothing
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
