@@ -240,7 +240,7 @@ class ColoSource:
     def __init__(self, qmp: QmpControl, *, main_block: str, sock_path: str | Path,
                  sink: EpochSink, ack_mode: AckMode = "async",
                  checkpoint_delay_ms: int = 200, disks: DiskReplicator | None = None,
-                 disk_full: Callable[[], bool] | None = None, spin_ms: float = 5.0) -> None:
+                 disk_full: Callable[[], bool] | None = None) -> None:
         """``disks``: capture the VM's disks at each checkpoint too, while the primary
         waits for our answer (COLO keeps block nodes active); ``disk_full()`` says
         whether the next capture must copy every block (the shadow needs a full epoch)."""
@@ -278,13 +278,6 @@ class ColoSource:
         self.on_answered: Callable[[], None] | None = None
         #: loop time of the last answer (the primary resumed then); None before the first
         self.answered_at: float | None = None
-        #: async mode without disks: once a checkpoint starts (our REPLY), read its bytes
-        #: by polling the socket for up to this long instead of sleeping in the event
-        #: loop. Waking a sleeping thread costs this host (nested KVM) a few hundred
-        #: microseconds, and the primary, stopped, waits for each wakeup: ours as its bytes
-        #: arrive, and its own once its socket buffer filled because we had not read
-        #: yet. 0 turns it off.
-        self.spin_ms = spin_ms
         #: a checkpoint is in flight: CHECKPOINT_REQUEST seen, the answer not sent yet
         self.in_checkpoint = False
         self._request_waiters: list[asyncio.Future[None]] = []
@@ -511,8 +504,6 @@ class ColoSource:
                     if not w.done():
                         w.set_result(None)
                 link.write(b"".join(encode_colo(m) for m in item.answers))
-                if self.spin_ms and self.ack_mode == "async" and self.disks is None:
-                    link.spin_until = time.monotonic() + self.spin_ms / 1000
                 continue
             if isinstance(item, Received):
                 # async, no disks, no switchover waiting to hold it: answer now, before
@@ -523,7 +514,6 @@ class ColoSource:
                         self.on_stopped(item.number)
                     self._answered(link, b"".join(encode_colo(m) for m in item.answers))
                     self._early = True
-                link.spin_until = 0.0
                 continue
             self.epochs += 1
             ep = item.epoch
@@ -609,8 +599,6 @@ class _PrimaryLink(asyncio.Protocol):
         self.error: BaseException | None = None
         self.closed = False
         self._paused = False
-        #: read by polling until then (monotonic; 0: not): see ColoSource.spin_ms
-        self.spin_until = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -624,29 +612,6 @@ class _PrimaryLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
-        if self.spin_until:
-            self._spin()
-
-    def _spin(self) -> None:
-        """Read the rest of the checkpoint by polling the socket (see
-        :attr:`ColoSource.spin_ms`); the bytes go where the transport's would, in order
-        (this runs in the loop's thread, between the transport's reads)."""
-        assert self.transport is not None
-        fd = self.transport.get_extra_info("socket").fileno()
-        while (self.spin_until and not self.queue and self.error is None
-               and not self.closed and time.monotonic() < self.spin_until):
-            try:
-                data = os.read(fd, 1 << 20)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                break  # the transport sees the error on its next read
-            if not data:
-                self.eof_received()
-                self.transport.close()
-                break
-            self._feed(data)
-        self.spin_until = 0.0
 
     def eof_received(self) -> bool:
         self.closed = True
