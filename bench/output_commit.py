@@ -155,6 +155,10 @@ def _counters(text: str) -> dict[str, int]:
         f = line.split()
         if len(f) >= 2 and f[0][:1].isalpha() and f[1].isdigit() and ":" not in f[0]:
             out.setdefault(f[0], int(f[1]))
+        # /proc/net/dev: "eth0: rx bytes packets errs drop fifo frame compressed multicast
+        # | tx ..." (frames the NIC or its driver lost on the way in)
+        if len(f) >= 6 and f[0] == "eth0:" and all(x.isdigit() for x in f[1:6]):
+            out.update(Eth0RxErrs=int(f[3]), Eth0RxDrop=int(f[4]), Eth0RxFifo=int(f[5]))
     return out
 
 
@@ -164,7 +168,8 @@ _DIAG_KEYS = ("TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPLossProbes"
               "TcpExtTCPOFODrop", "TcpExtPruneCalled", "TcpExtTCPRcvCollapsed",
               "TcpExtTCPDSACKRecv", "TcpExtTCPDSACKOldSent", "TcpExtTCPSpuriousRTOs",
               "IpExtInNoRoutes", "TcpInSegs", "TcpOutSegs", "TcpExtTCPWantZeroWindowAdv",
-              "TcpExtTCPFromZeroWindowAdv", "TcpExtTCPToZeroWindowAdv")
+              "TcpExtTCPFromZeroWindowAdv", "TcpExtTCPToZeroWindowAdv", "Eth0RxErrs",
+              "Eth0RxDrop", "Eth0RxFifo")
 
 
 async def snapshot(lan: Any, tap: str) -> dict[str, Any]:
