@@ -73,9 +73,10 @@ def linux_guest() -> tuple[Path, Path]:
 
 
 def write_net_spec(path: Path, mem_path: Path, *, output_commit: bool, tag: str,
-                   mib: int = 128, kernel_args: str = "") -> Path:
-    """The Linux guest with one e1000 NIC (taps qsp<tag>/qss<tag>); by default it streams
-    SEQ lines to the peer (``kernel_args`` replaces that)."""
+                   mib: int = 128, kernel_args: str = "", nic_model: str = "e1000") -> Path:
+    """The Linux guest with one e1000 NIC (taps qsp<tag>/qss<tag>; ``nic_model`` another
+    of QEMU's e1000 models); by default it streams SEQ lines to the peer (``kernel_args``
+    replaces that)."""
     kernel, initrd = linux_guest()
     kernel_args = kernel_args or f"{GUEST_ARGS} lg.mode=tcpcount lg.peer=10.77.0.1:{PORT}"
     path.write_text(f"""
@@ -92,6 +93,7 @@ backend_id = "mem"
 mem_path = "{mem_path}"
 [[nics]]
 id = "n0"
+model = "{nic_model}"
 mac = "52:54:00:12:34:56"
 ifname = "qsp{tag}"
 shadow_ifname = "qss{tag}"
