@@ -490,9 +490,9 @@ class ColoSource:
         """Parse what the primary sent so far, as it arrives (called from the protocol).
 
         Runs in the transport's callback, not in :meth:`_serve`'s task, so that a
-        checkpoint's answer in async mode goes out as soon as its last byte is parsed:
-        no task wakeup between the device state's arrival and the answer (which resumes
-        the primary). Epochs are queued for :meth:`_serve` in order; reading pauses while
+        checkpoint's answer in async mode goes out as soon as its last byte is here: no
+        task wakeup between the device state's arrival and the answer (which resumes the
+        primary). Epochs are queued for :meth:`_serve` in order; reading pauses while
         one is queued, so the primary's next checkpoint waits for the sink, as it would
         with a reader that awaits the sink before reading on.
         """
@@ -631,7 +631,9 @@ class _PrimaryLink(asyncio.Protocol):
         self.parse()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        if not self.closed:  # reset, not closed: a checkpoint cut off is still an error
+            self.closed = True
+            self._feed(b"")
         self.wake.set()
 
     def parse(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from qmpshadow.migstream.constants import RamFlag
 from qmpshadow.migstream.events import RamXbzrle
-from qmpshadow.source.colo import Answer, ColoCapture, EpochReady
+from qmpshadow.source.colo import Answer, ColoCapture, EpochReady, Received
 from tests import synth
 
 
@@ -49,3 +49,32 @@ def test_deferred_pages_equal_copied_pages(step: int) -> None:
         assert ea.main == eb.main and ea.main
         assert ea.small == eb.small
         assert ea.device_state == eb.device_state
+
+
+def test_early_ack_comes_with_the_last_byte_of_the_device_state() -> None:
+    """``Received`` (the async answer) only once the whole checkpoint is here: at the same
+    byte as its EpochReady without early_ack, never before; EpochReady still follows."""
+    data = stream()
+
+    def feed(cap: ColoCapture) -> list[tuple[int, str, int]]:
+        seen = []
+        for i in range(len(data)):
+            cap.receive_data(data[i : i + 1])
+            while (item := cap.next_event()) is not None:
+                if isinstance(item, Received):
+                    seen.append((i, "received", item.number))
+                elif isinstance(item, EpochReady):
+                    seen.append((i, "ready", item.epoch.number))
+        return seen
+
+    plain = feed(ColoCapture("pc.ram"))
+    early = feed(ColoCapture("pc.ram", early_ack=True))
+    ready_at = {n: i for i, kind, n in plain}
+    received = [(i, n) for i, kind, n in early if kind == "received"]
+    assert [n for _i, n in received] == [2, 3, 4]  # the checkpoints, not the initial stream
+    assert all(i == ready_at[n] for i, n in received)
+    assert [(i, n) for i, kind, n in early if kind == "ready"] == [
+        (i, n) for i, _kind, n in plain]
+    order = [(kind, n) for _i, kind, n in early]
+    assert all(order.index(("received", n)) + 1 == order.index(("ready", n))
+               for _i, n in received)
