@@ -25,7 +25,12 @@ async def test_shared_ram_frames_rebuild_ram(launch_vm: LaunchVm, short_tmp: Pat
     mem_path = short_tmp / "p.ram"
     vm = await launch_vm(dirtier_spec("lb", mem_path=mem_path, pages=32, delay_us=500),
                          accel=tcg)
-    await wait_for_counter(vm.run.serial_log, timeout=30)
+    # the guest's first pass over its 8 MiB region writes pages that were zero, which can
+    # only go FULL: begin once it went round twice (64 loops of 32 pages each), so that
+    # the epochs below re-dirty pages their predecessor holds (under load, epoch 1 caught
+    # the first pass half done and epoch 2 was half FULL pages)
+    await wait_for_counter(vm.run.serial_log, min_counter=2 * (8 << 20) // PS // 32,
+                           timeout=60)
     src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
                           sock_path=short_tmp / "d.sock")
     await src.open()
