@@ -105,19 +105,27 @@ class RunStates:
                 total += max(0.0, min(e1, e2) - max(s1, s2))
         return total
 
-    def both_seen(self, a: str, b: str) -> int:
+    def both_seen(self, a: str, b: str, *, max_window: float = 0.05) -> int:
         """Samples of ``a`` seen running whose query window (sent .. answered) meets the
         window of a sample of ``b`` seen running: both may have run at once.
 
         Windows, not answer times: a poller starved for a while (a loaded host) stamps the
         answers it finds waiting when it runs again with that late time, and a stale
         "running" of the old copy would then sit next to the new copy's first fresh one
-        (a false alarm); a real overlap longer than a poll round still shows, as both
-        queries of that round are answered "running".
+        (a false alarm). Only windows of at most ``max_window`` seconds count: a query
+        that took longer (a QEMU busy stopping, or loading its promotion stream) says
+        "running" of some moment in a long span, which proves nothing. A real overlap
+        longer than a few poll rounds still shows, in prompt answers of both.
         """
-        runs_b = [(s, e) for s, e, r in self.windows[b] if r]
-        n = 0
+        return len(self.both_seen_pairs(a, b, max_window=max_window))
+
+    def both_seen_pairs(self, a: str, b: str, *, max_window: float = 0.05
+                        ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+        """The (``a`` window, ``b`` window) pairs behind :meth:`both_seen`."""
+        runs_b = [(s, e) for s, e, r in self.windows[b] if r and e - s <= max_window]
+        out: list[tuple[tuple[float, float], tuple[float, float]]] = []
         for s, e, r in self.windows[a]:
-            if r and any(s <= eb and sb <= e for sb, eb in runs_b):
-                n += 1
-        return n
+            if not r or e - s > max_window:
+                continue
+            out.extend(((s, e), (sb, eb)) for sb, eb in runs_b if s <= eb and sb <= e)
+        return out

@@ -219,7 +219,9 @@ def assert_one_copy(states: RunStates, a: str = "primary", b: str = "shadow") ->
     """Never two running copies: no time at which both QEMUs were seen running."""
     assert states.samples[a] and states.samples[b], "the run-state pollers took no samples"
     assert states.overlap(a, b) == 0.0, (states.ran(a), states.ran(b))
-    assert states.both_seen(a, b) == 0
+    pairs = states.both_seen_pairs(a, b)
+    assert not pairs, {"both running (window pairs)": pairs[:5], a: states.ran(a),
+                       b: states.ran(b)}
 
 
 def _assert_clean(lines: list[Any], where: object) -> None:

@@ -29,3 +29,11 @@ def test_both_answered_running_in_one_round_is_split_brain() -> None:
                 shadow=[(1.0, 1.0015, False), (1.005, 1.0062, True)])
     assert rs.both_seen("primary", "shadow") == 1
     assert rs.both_seen("shadow", "primary") == 1
+
+
+def test_a_slow_answer_proves_nothing() -> None:
+    # the new copy's query was sent before the old one stopped and answered 400 ms later,
+    # "running": of some moment in that span, so it cannot show both ran together
+    rs = states(primary=[(1.0, 1.001, True), (1.005, 1.006, False)],
+                shadow=[(0.9, 1.3, True), (1.305, 1.306, True)])
+    assert rs.both_seen("primary", "shadow") == 0
