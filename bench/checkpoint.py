@@ -96,7 +96,9 @@ async def stock(tmp: Path, s: VmSpec, accel: Any, n: int) -> list[float]:
         await asyncio.sleep(WARMUP)
         await sec.qmp.migrate_set_capabilities({"x-colo": True})
         await sec.qmp.migrate_incoming(f"unix:{tmp}/stock.sock")
-        await pri.qmp.migrate_set_capabilities({"x-colo": True, "events": True})
+        # as qmpshadow's COLO source sets it: no migration events (MIGRATION_PASS at
+        # every checkpoint is a monitor write from inside the pause)
+        await pri.qmp.migrate_set_capabilities({"x-colo": True, "events": False})
         await pri.qmp.migrate_set_parameters(x_checkpoint_delay=200, max_bandwidth=1 << 40)
         task = asyncio.create_task(collect(pri.qmp, n + 2, 60 + n))
         await pri.qmp.migrate(f"unix:{tmp}/stock.sock")

@@ -446,7 +446,7 @@ class ColoSource:
             # x-ignore-shared off: a primary that was a promoted shadow still has it on
             # (its promotion stream used it), and its RAM is a shared file: QEMU would
             # then leave the main RAM out of every checkpoint
-            await self.qmp.migrate_set_capabilities({"x-colo": True, "events": True,
+            await self.qmp.migrate_set_capabilities({"x-colo": True, "events": False,
                                                      "x-ignore-shared": False})
             await self.qmp.migrate_set_parameters(x_checkpoint_delay=self.delay,
                                                   max_bandwidth=1 << 40)
