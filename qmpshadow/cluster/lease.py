@@ -24,8 +24,9 @@ The timing argument is in docs/failover.md; in short:
   (P4). Or a **release** from the holder (the primary is dead or killed): promote at once.
   A promotion bumps the generation (the fencing token); anything of an older generation
   is refused.
-- **Unprotected mode**: when the broker reports (last will) that the shadow's named
-  connection died early enough that the shadow cannot have promoted on it, the primary
+- **Unprotected mode**: when the broker reports (last will, or the shadow's own offline
+  status) that the shadow's named connection died before the lease end, so that the
+  shadow cannot have promoted on it, the primary
   stops naming it and runs without a lease; a shadow whose connection is not named
   cannot promote (P1), so a dead shadow does not take its primary down.
 - **Planned switchover**: the source agent stops the primary at an epoch boundary
@@ -249,10 +250,10 @@ class ClusterTiming:
 
     def availability_notes(self) -> list[str]:
         """Settings that are safe but cost availability: with a lease shorter than the
-        broker's report of a dead shadow host (plus the grace), a shadow host that dies
+        broker's report of a dead shadow host, a shadow host that dies
         makes its primary stay fenced (stopped) until a shadow or an operator comes."""
         notes = []
-        lease_ok_ms = self.lease_ms - self.heartbeat_ms + self.offline_grace * 1000
+        lease_ok_ms = self.lease_ms - self.heartbeat_ms
         if lease_ok_ms < self.broker_report_max_ms:
             notes.append(f"lease_ms {self.lease_ms} is too short for the broker to report a "
                          f"dead shadow host in time (up to ~{self.broker_report_max_ms} ms "
@@ -343,9 +344,13 @@ class ShadowOnline(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShadowOffline(Event):
-    """The broker published the last will of the shadow's connection ``conn``."""
+    """The shadow's connection ``conn`` is gone: its last will, or its own ``online:
+    false`` on a clean close. ``generation`` is the one the message carries (a will's is
+    from when the shadow connected; a clean close's is current: newer than ours after
+    a promotion)."""
 
     conn: str
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -857,15 +862,22 @@ class SourceLease:
             self.dead_conns.popitem(last=False)
 
     def _offline(self, ev: ShadowOffline, out: list[Action]) -> None:
+        if ev.generation > self.generation:
+            # a promoted shadow saying goodbye: it replaced us
+            self._deposed(ev.generation, "the shadow's offline status", out)
+            return
         self._bury(ev.conn)
         if ev.conn != self.named:
             return
         self.named = None
-        # The broker publishes a last will only after > broker_dead_min of silence, and the
-        # shadow stops trusting a connection `fresh` after its last echoed heartbeat. So a
-        # will received before lease_end + offline_grace proves the shadow was no longer
-        # fresh on conn at any time it could have promoted (>= lease_end).
-        proven = ev.now < self.lease_end + self.timing.offline_grace
+        # The shadow cannot promote before lease_end (no renewal for a lease), nor on
+        # another connection (not named). So a report received before lease_end proves
+        # it never promoted on conn. Not later: a will comes at once when the shadow's
+        # process dies (or its offline status when it closes), promoted or not; only a
+        # host or network death waits for the broker's keepalive (the grace this once
+        # allowed past lease_end assumed that, and a shadow that promoted and exited
+        # then "died in time": its old primary resumed next to it).
+        proven = ev.now < self.lease_end - 2 * self.timing.rho * self.timing.lease
         if not proven:
             return  # the shadow may have promoted: stay (or become) fenced
         if self.state is SourceState.PROTECTED:

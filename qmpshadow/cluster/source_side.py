@@ -378,7 +378,7 @@ class SourceCluster:
                 if msg.online:
                     self._feed(ShadowOnline(now=now, conn=msg.conn, generation=msg.gen))
                 else:
-                    self._feed(ShadowOffline(now=now, conn=msg.conn))
+                    self._feed(ShadowOffline(now=now, conn=msg.conn, generation=msg.gen))
         elif suffix == "lease" and isinstance(msg, LeaseDoc):
             if msg.session != self.sm.session:
                 self._feed(GenerationSeen(now=now, generation=msg.gen,
@@ -401,7 +401,8 @@ class SourceCluster:
             if isinstance(msg, Status) and msg.role != "shadow":
                 return
             self._early.append(ShadowOnline(now=now, conn=msg.conn, generation=msg.gen)
-                               if online else ShadowOffline(now=now, conn=msg.conn))
+                               if online else ShadowOffline(now=now, conn=msg.conn,
+                                                            generation=msg.gen))
 
     def _link_heartbeat(self, frame: Heartbeat) -> None:
         seq, _release, _named = parse_link_seq(frame.seq)
