@@ -290,15 +290,6 @@ class ClusterTiming:
     def reacquire(self) -> float:
         return self.reacquire_ms / 1000
 
-    @property
-    def offline_grace(self) -> float:
-        """How long after its lease end a report that the named shadow connection died
-        still proves the shadow never promoted on it (see :meth:`SourceLease.handle`):
-        ``D_min(1-2rho) - fresh(1+2rho) - 2 rho lease`` less 5 ms of rounding."""
-        rho = self.rho
-        return (self.broker_dead_min_ms * (1 - 2 * rho) - self.fresh_ms * (1 + 2 * rho)
-                - 2 * rho * self.lease_ms - 5) / 1000
-
 
 # ------------------------------------------------------------------------------- events
 
