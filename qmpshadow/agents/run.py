@@ -366,8 +366,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                     await asyncio.gather(task, return_exceptions=True)
                 elif task in finished:
                     exc = task.exception()
-                    if exc is not None and (cl is None or not (
-                            not cl.primary.alive or await cl.primary.wait(0.5))):
+                    if exc is not None and (cl is None or not await cl.primary.wait(0.5)):
                         raise exc
                     if cl is not None:
                         # the primary's stream ended, or broke off mid-checkpoint: it

@@ -209,7 +209,7 @@ def _copy_pages(ep: CapturedEpoch, ev: RamRecords) -> None:
     zero = bytes(ps)
     main = ep.main
     main_block = ep.main_block
-    page_flag = _PAGE
+    page_flag = RamFlag.PAGE
     for flags, offset, block, pos in ev.records:
         if flags & page_flag:
             page = bytes(data[pos : pos + ps])
@@ -222,7 +222,6 @@ def _copy_pages(ep: CapturedEpoch, ev: RamRecords) -> None:
             ep.small.setdefault(block, {})[offset] = page
 
 
-_PAGE = int(RamFlag.PAGE)
 EpochSink = Callable[[CapturedEpoch], Awaitable[None]]
 #: how often a checkpoint asked for is asked for again while none came (see
 #: ColoSource._notify_until)
@@ -624,11 +623,14 @@ class _PrimaryLink(asyncio.Protocol):
         try:
             self.src.capture.receive_data(data)
         except Exception as exc:  # a bad stream: _serve raises it
-            self.error = exc
-            self.pause()
-            self.wake.set()
+            self._fail(exc)
             return
         self.parse()
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.pause()
+        self.wake.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:  # reset, not closed: a checkpoint cut off is still an error
@@ -643,9 +645,9 @@ class _PrimaryLink(asyncio.Protocol):
         try:
             self.src._on_items(self)
         except Exception as exc:  # a bad stream: _serve raises it
-            self.error = exc
-            self.pause()
-        if self.queue or self.error is not None or self.closed:
+            self._fail(exc)
+            return
+        if self.queue or self.closed:
             self.wake.set()  # else _serve has nothing to do: not woken for nothing
 
     def write(self, data: bytes) -> None:
