@@ -109,6 +109,9 @@ class SourceAgent:
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._session = os.urandom(16)
+        self._ship_lock = asyncio.Lock()
+        #: the last epoch whose frames started out (a delta must have it as its base)
+        self._sent = 0
         self.page_size = page_size
         #: Cluster hooks: HEARTBEAT and HELLO frames from the shadow (acks, its generation).
         self.on_heartbeat: Callable[[Heartbeat], None] | None = None
@@ -241,38 +244,77 @@ class SourceAgent:
         switchover's final epoch is always shipped synchronously). Returns True when the
         shadow acknowledged the epoch before this returned (only known when waiting).
 
+        Epochs go out one at a time, in the order of the calls, which must be their
+        capture order: a delta (``ep.base``) goes out only right after its base epoch, else
+        it is widened to a full one (the COLO mirror) or not shipped (then the next
+        capture must be full: :attr:`need_full`).
+
         Link failures do not raise: the epoch is counted as not committed and the next one
         goes full over a new link. Raises QmpShadowError only for encoding bugs.
         """
+        # taken before this coroutine first yields: a caller that captured an epoch and
+        # calls ship() straight away is in line before any later capture
+        async with self._ship_lock:
+            sent = await self._send_epoch(ep)
+        if sent is None:
+            return False
+        fut, ep, stats = sent
+        acked = False
+        if self.wait_ack if wait is None else wait:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut),
+                                       self.ack_timeout if timeout is None else timeout)
+                acked = True
+            except (TimeoutError, QmpShadowError) as exc:
+                log.warning("no ack for epoch %d: %s", ep.number, exc or "timeout")
+                self._need_full = True
+        self._emit(ep, stats)
+        return acked
+
+    async def _send_epoch(self, ep: CapturedEpoch
+                          ) -> tuple[asyncio.Future[None], CapturedEpoch, EncodeStats] | None:
+        """Encode and send ``ep`` (under the ship lock): the future of its ack, the epoch
+        as sent (maybe widened) and its stats; None when it was not sent (the reason
+        emitted)."""
         self.stats.captured = max(self.stats.captured, ep.number)
         if ep.pause_ms is not None:
             self.stats.pauses_ms.append(ep.pause_ms)
         if self.mirror is not None:
             self.mirror.update(ep)
+        if ep.number <= self._sent:
+            # a capture handed over after a later one: the later one did not include
+            # it and went out (or was refused) already; nothing can use it now
+            self._need_full = True
+            self._emit(ep, None, error=f"epoch {ep.number} is older than epoch "
+                       f"{self._sent}, already shipped: not shipped, the next epoch is full")
+            return None
         if ep.disk_failed:
             self._need_full = True
             self._emit(ep, None, error="disk capture failed: not shipped, the next epoch is "
                        "full")
-            return False
+            return None
         try:
             link = await self._ensure_link()
         except QmpShadowError as exc:
             log.warning("shadow unreachable, epoch %d not shipped: %s", ep.number, exc)
             self._emit(ep, None, error=str(exc))
-            return False
-        if self._need_full and not ep.full:
+            return None
+        if not ep.full and (self._need_full or ep.base != self._sent):
             if ep.disks and not ep.disk_full:
                 # the mirror widens RAM, not disks: the next epoch copies every block
+                self._need_full = True
                 self._emit(ep, None, error="the shadow needs a full epoch (disks too); "
                            "not shipped")
-                return False
+                return None
             if self.mirror is None:
                 # shared-RAM source: the driver takes a full checkpoint next (need_full)
+                self._need_full = True
                 self._emit(ep, None, error="the shadow needs a full epoch; not shipped")
-                return False
+                return None
             ep = self.mirror.full_epoch(ep)
             self.stats.resyncs += 1
         self._need_full = False
+        self._sent = ep.number
         # In a worker thread (the page codec releases the GIL): a full epoch takes long
         # enough to hold up the lease renewals that share this event loop.
         frames, stats = await asyncio.to_thread(self.encoder.encode, ep)
@@ -288,21 +330,11 @@ class SourceAgent:
             self._need_full = True
             self._acks.pop(ep.number, None)
             self._emit(ep, stats, error=str(exc))
-            return False
+            return None
         self.stats.wire_bytes += stats.wire_bytes
         self.stats.raw_bytes += stats.raw_bytes
         self.stats.last = stats
-        acked = False
-        if self.wait_ack if wait is None else wait:
-            try:
-                await asyncio.wait_for(asyncio.shield(fut),
-                                       self.ack_timeout if timeout is None else timeout)
-                acked = True
-            except (TimeoutError, QmpShadowError) as exc:
-                log.warning("no ack for epoch %d: %s", ep.number, exc or "timeout")
-                self._need_full = True
-        self._emit(ep, stats)
-        return acked
+        return fut, ep, stats
 
     async def wait_committed(self, number: int, timeout: float) -> bool:
         """Whether the shadow acknowledged epoch ``number`` (or a later one) within

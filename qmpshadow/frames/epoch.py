@@ -68,8 +68,12 @@ class EpochWriter:
         blocks: tuple[RamBlock, ...],
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         compress_level: int | None = None,
+        base: int = 0,
     ) -> None:
+        """``base``: the epoch this one's pages are a delta against (0: it carries every
+        page); the receiver applies it only on top of exactly that epoch."""
         self.generation = generation
+        self.base = base
         self.epoch = epoch
         self.blocks = blocks
         self._max_payload = max_payload
@@ -109,7 +113,9 @@ class EpochWriter:
         """EPOCH_BEGIN with the block table."""
         self._need("new", "begin()")
         parts = self._emit(
-            EpochBegin(generation=self.generation, epoch=self.epoch, blocks=self.blocks), False
+            EpochBegin(generation=self.generation, epoch=self.epoch, blocks=self.blocks,
+                       base=self.base),
+            False,
         )
         self._state = "open"
         return parts
@@ -212,8 +218,9 @@ class EpochAssembler:
     does not apply pages; it tells the caller when everything of an epoch has arrived and
     matches its EPOCH_END, so the caller can commit. Errors (all FrameError): FencedFrameError
     for an older generation; otherwise a frame out of order, of the wrong epoch or generation,
-    referring outside the block table, or an EPOCH_END whose counts or digest do not match.
-    After an error, :meth:`abort` the epoch (and ask for a resync).
+    referring outside the block table, a delta whose base is not the last completed epoch,
+    or an EPOCH_END whose counts or digest do not match. After an error, :meth:`abort` the
+    epoch (and ask for a resync).
     """
 
     def __init__(self, *, generation: int = 0, last_epoch: int = 0) -> None:
@@ -270,6 +277,13 @@ class EpochAssembler:
             raise FrameError(
                 f"EPOCH_BEGIN of epoch {frame.epoch}, but epoch {self.last_epoch} already "
                 "completed: epochs must increase"
+            )
+        if frame.base and frame.base != self.last_epoch:
+            # its pages complete epoch `base` only: on top of anything else they would
+            # make a RAM that never existed (an epoch lost or refused in between)
+            raise FrameError(
+                f"epoch {frame.epoch} is a delta against epoch {frame.base}, but the receiver "
+                f"holds epoch {self.last_epoch}: refused; a full epoch must come next"
             )
         self._state = _State.OPEN
         self._begin = frame

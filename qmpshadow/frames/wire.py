@@ -87,7 +87,7 @@ __all__ = [
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 MAGIC: Final = b"QSDF"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER_SIZE: Final = 48
 _HEADER = struct.Struct("<4sBBHQQIIQ")  # bytes 0..39; the header checksum follows
 _U64 = struct.Struct("<Q")
@@ -223,11 +223,15 @@ class Hello(Frame):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EpochBegin(Frame):
-    """Opens ``epoch``; carries the RAM block table that PAGES/SMALL_BLOCK refer to by index."""
+    """Opens ``epoch``; carries the RAM block table that PAGES/SMALL_BLOCK refer to by index.
+
+    ``base`` is the epoch whose state this one's pages were taken against (a delta only
+    completes that state), 0 when the epoch carries every page and needs no base."""
 
     TYPE: ClassVar[FrameType] = FrameType.EPOCH_BEGIN
 
     blocks: tuple[RamBlock, ...]
+    base: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -376,6 +380,10 @@ def _payload_epoch_begin(f: EpochBegin) -> list[Buffer]:
             raise ConfigError("RAM block idstr must not be empty")
         parts.append(_BLOCK.pack(b.length, b.flags, len(idstr)))
         parts.append(idstr)
+    if f.base < 0 or (f.base and f.base >= f.epoch):
+        raise ConfigError(f"EPOCH_BEGIN of epoch {f.epoch} with base {f.base}: expected 0 "
+                          "or an earlier epoch")
+    parts.append(_U64.pack(f.base))
     return parts
 
 
@@ -627,12 +635,17 @@ def _parse_epoch_begin(h: _Header, r: _Reader) -> Frame:
             raise r.fail("RAM block idstr is empty")
         idstr = r.text(idlen, "RAM block idstr")
         blocks.append(RamBlock(idstr=idstr, length=length, flags=BlockFlags(flags)))
+    (base,) = r.unpack(_U64)
+    if base and base >= h.epoch:
+        raise r.fail(f"EPOCH_BEGIN of epoch {h.epoch} names base epoch {base}: a base "
+                     "precedes its epoch")
     r.finish()
     return EpochBegin(
         generation=h.generation,
         epoch=h.epoch,
         wire_checksum=h.header_checksum,
         blocks=tuple(blocks),
+        base=base,
     )
 
 

@@ -127,8 +127,11 @@ class ColoCapture:
                 raise StreamFormatError("RAM pages before the RAM setup record",
                                         offset=self.parser.offset, section="ram")
             self.epoch_number += 1
+            # every checkpoint holds what was dirtied since the previous one; the first
+            # is QEMU's bulk pass over all RAM
+            first = self.epoch_number == 1
             self._current = CapturedEpoch(
-                self.epoch_number, full=self.epoch_number == 1,
+                self.epoch_number, full=first, base=0 if first else self.epoch_number - 1,
                 blocks=block_table(self._blocks, self.main_block),
                 main_block=self.main_block, page_size=self.parser.page_size)
         return self._current

@@ -71,7 +71,8 @@ class EpochEncoder:
             self.reset()
         ps = self.page_size
         w = EpochWriter(generation=self.generation, epoch=ep.number, blocks=ep.blocks,
-                        max_payload=self.max_payload, compress_level=self.compress_level)
+                        max_payload=self.max_payload, compress_level=self.compress_level,
+                        base=0 if ep.full else ep.base)
         index = {b.idstr: i for i, b in enumerate(ep.blocks)}
         out: list[list[Buffer]] = [w.begin()]
         counts = array("Q", [0, 0, 0])

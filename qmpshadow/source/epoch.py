@@ -39,6 +39,10 @@ class CapturedEpoch:
     disk_full: bool = False
     #: The disk capture of this checkpoint failed: never ship it (the next epoch is full).
     disk_failed: bool = False
+    #: The epoch whose state the pages were taken against (the previous capture; 0 when
+    #: ``full``): they complete that state and no other, so the source agent ships the
+    #: epoch as a delta only right after that one.
+    base: int = 0
 
     @property
     def raw_bytes(self) -> int:

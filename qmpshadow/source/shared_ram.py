@@ -238,13 +238,18 @@ class SharedRamSource:
             ok = True
         finally:
             await self._scan_done(scan)
+            if not ok:
+                # the scan may have entered this attempt's pages in the table: an epoch
+                # after it would leave out what changed since the last captured one
+                self._force_full = True
             if resume or not ok:
                 await qmp.cont()
         t1 = time.monotonic()
+        base = 0 if full else self.epoch_number
         self.epoch_number += 1
         self._force_full = False
         self._blocks = block_table(blocks, self.main_block)
-        ep = CapturedEpoch(self.epoch_number, full=full,
+        ep = CapturedEpoch(self.epoch_number, full=full, base=base,
                            blocks=self._blocks,
                            main_block=self.main_block, page_size=ps, main=pages, small=small,
                            device_state=got,
@@ -306,7 +311,8 @@ class SharedRamSource:
         self._last_disk = await self.disks.finish(pending)
         self.epoch_number += 1
         self._force_full = False
-        ep = CapturedEpoch(self.epoch_number, full=False, blocks=self._blocks,
+        ep = CapturedEpoch(self.epoch_number, full=False, base=self.epoch_number - 1,
+                           blocks=self._blocks,
                            main_block=self.main_block, page_size=self.page_size, main=pages,
                            small={}, device_state=blob[8:],
                            device_format=DeviceStateFormat.QEMU_SECTIONS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpshadow.errors import AccelError
+from qmpshadow.errors import AccelError, QmpShadowError
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.process import QemuProcess
 from qmpshadow.qemu.testguest import wait_for_counter
@@ -62,6 +62,45 @@ async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: 
     assert status.running
     line = await wait_for_counter(vm.run.serial_log, timeout=10)
     assert line.mism == 0
+
+
+async def test_shared_ram_epoch_after_a_failed_one_is_full(
+        launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice) -> None:
+    """A checkpoint that fails after its RAM scan ran (here: its device-state stream is
+    given up on at once) leaves that scan's pages in the table; the next epoch must carry
+    every page, or the pages that changed since the last captured epoch would be lost."""
+    mem_path = short_tmp / "primary.ram"
+    # a region the guest takes ~0.5 s to go round: pages it dirtied before the failed
+    # attempt are not all dirtied again before the next epoch
+    vm: QemuProcess = await launch_vm(dirtier_spec("sf", mem_path=mem_path, region_mib=32),
+                                      accel=tcg)
+    await wait_for_counter(vm.run.serial_log, timeout=30)
+    src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
+                          sock_path=short_tmp / "dev.sock")
+    await src.open()
+    image = bytearray(MIB << 20)
+    try:
+        ep = await checkpoint_with_dump(src, vm, short_tmp / "d1.ram")
+        _apply(image, ep)
+        await asyncio.sleep(0.3)  # the guest dirties pages the failed attempt scans
+        with pytest.raises(QmpShadowError, match="no device-state stream within"):
+            await src.checkpoint(timeout=0.0)
+        assert (await vm.qmp.query_status()).running  # resumed after the failure
+        for _ in range(200):  # the abandoned migration finishes by itself
+            if (await vm.qmp.query_migrate()).get("status") == "completed":
+                break
+            await asyncio.sleep(0.02)
+        dump = short_tmp / "d2.ram"
+        ep = await checkpoint_with_dump(src, vm, dump)
+        _apply(image, ep)
+        _same_as_dump(image, dump)
+        assert ep.number == 2 and ep.full and ep.base == 0
+        ep = await checkpoint_with_dump(src, vm, short_tmp / "d3.ram")
+        assert ep.number == 3 and not ep.full and ep.base == 2
+        _apply(image, ep)
+        _same_as_dump(image, short_tmp / "d3.ram")
+    finally:
+        await src.close()
 
 
 async def test_colo_refuses_tcg(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice

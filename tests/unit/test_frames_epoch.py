@@ -55,9 +55,10 @@ def _frames(data: bytes) -> list[Frame]:
 
 
 def _epoch_bytes(
-    gen: int = 1, epoch: int = 1, level: int | None = None
+    gen: int = 1, epoch: int = 1, level: int | None = None, base: int = 0
 ) -> tuple[bytes, EpochWriter]:
-    w = EpochWriter(generation=gen, epoch=epoch, blocks=BLOCKS, compress_level=level)
+    w = EpochWriter(generation=gen, epoch=epoch, blocks=BLOCKS, compress_level=level,
+                    base=base)
     parts = w.begin()
     parts += w.pages(0, 2, encode_pages([0, 5], bytes(64 * PS), PS))
     parts += w.small_block(1, PS, b"\x01" * 100)
@@ -132,6 +133,25 @@ def test_epochs_must_increase_and_begin_first() -> None:
     for f in frames:
         asm2.feed(f)
     assert asm2.last_epoch == 5
+
+
+def test_a_delta_completes_only_its_base_epoch() -> None:
+    """A delta epoch is taken only on top of exactly its base: after a lost or refused
+    epoch, the deltas in flight behind it are refused until a full epoch (base 0) comes."""
+    asm = EpochAssembler(last_epoch=3)
+    assert asm.feed(_frames(_epoch_bytes(epoch=4, base=3)[0])[0]) is None  # 3 -> 4: fine
+    asm.abort()
+    for base in (2, 5):  # epoch 4 is a delta against something the receiver does not hold
+        with pytest.raises(FrameError, match=f"delta against epoch {base}, but the receiver "
+                           "holds epoch 3"):
+            asm.feed(_frames(_epoch_bytes(epoch=6, base=base)[0])[0])
+    done = None
+    for f in _frames(_epoch_bytes(epoch=6, base=0)[0]):  # a full epoch needs no base
+        done = asm.feed(f)
+    assert done is not None and done.epoch == 6 and asm.last_epoch == 6
+    for f in _frames(_epoch_bytes(epoch=7, base=6)[0]):
+        done = asm.feed(f)
+    assert done is not None and done.epoch == 7
 
 
 def test_fencing() -> None:

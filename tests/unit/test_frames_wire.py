@@ -68,6 +68,7 @@ SAMPLE: list[Frame] = [
             RamBlock(idstr="mem", length=1 << 30),
             RamBlock(idstr="pc.bios", length=256 << 10, flags=BlockFlags.SMALL),
         ),
+        base=E - 1,
     ),
     Pages(generation=G, epoch=E, block=0, count=2, records=b"\x00\x01" + b"\x07" * 4096),
     Pages(generation=G, epoch=E, block=0, count=0, records=b""),
@@ -132,7 +133,7 @@ def test_header_layout() -> None:
     )
     assert (magic, ver, ftype, flags, gen, epoch, length, res) == (
         b"QSDF",
-        1,
+        2,
         7,
         0,
         0x0102,
@@ -284,7 +285,7 @@ def test_bad_magic_is_refused_before_a_whole_header() -> None:
 
 def _forge(
     *,
-    version: int = 1,
+    version: int = wire.VERSION,
     ftype: int = 7,
     flags: int = 0,
     gen: int = G,
@@ -321,7 +322,7 @@ def _err(data: bytes, **kw: Any) -> FrameFormatError:
 @pytest.mark.parametrize(
     ("kw", "message", "offset"),
     [
-        ({"version": 2}, "unsupported frame version 2", 4),
+        ({"version": 1}, "unsupported frame version 1", 4),
         ({"ftype": 0}, "unknown frame type 0", 5),
         ({"ftype": 200}, "unknown frame type 200", 5),
         ({"flags": 0x8000}, "unknown frame flags", 6),
@@ -477,6 +478,24 @@ def test_encoder_bounds() -> None:
         )
     with pytest.raises(ConfigError, match="not a concrete frame type"):
         encode_frame(Frame(generation=0, epoch=0))
+    for base in (5, 6, -1):
+        with pytest.raises(ConfigError, match="expected 0 or an earlier epoch"):
+            encode_frame(EpochBegin(generation=0, epoch=5, blocks=(), base=base))
+
+
+def test_epoch_begin_base_must_precede_its_epoch() -> None:
+    """The decoder refuses a base that is not an earlier epoch (a corrupt or hostile
+    EPOCH_BEGIN), before anyone compares it with what the receiver holds."""
+    good = encode_frame(EpochBegin(generation=G, epoch=9, blocks=(), base=8))
+    assert _decode_all(good)[0].base == 8  # type: ignore[attr-defined]
+    bad = bytearray(good)
+    struct.pack_into("<Q", bad, HEADER_SIZE + 4, 9)  # base := the epoch itself
+    struct.pack_into("<Q", bad, 32, xxhash.xxh3_64_intdigest(bytes(bad[HEADER_SIZE:])))
+    struct.pack_into("<Q", bad, 40, xxhash.xxh3_64_intdigest(bytes(bad[:40])))
+    dec = FrameDecoder()
+    dec.receive_data(bytes(bad))
+    with pytest.raises(FrameFormatError, match="base epoch 9"):
+        _drain(dec)
 
 
 # --- fencing ---------------------------------------------------------------------------------
@@ -563,7 +582,7 @@ def test_random_frames_round_trip_at_any_split(
 @given(data=st.binary(max_size=200), prefix=st.booleans())
 def test_garbage_only_ever_raises_frame_errors(data: bytes, prefix: bool) -> None:
     if prefix:
-        data = b"QSDF\x01" + data
+        data = b"QSDF\x02" + data
     dec = FrameDecoder(max_payload=1 << 16)
     dec.receive_data(data)
     dec.receive_data(b"")
