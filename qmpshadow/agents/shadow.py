@@ -4,9 +4,10 @@ One source link at a time (a new one replaces the old). Frames of an epoch are s
 replica's journal as they arrive; when the assembler says the epoch is whole and verified
 the replica commits it, and the agent acknowledges it as soon as the commit record is
 durable (the replica applies it meanwhile; a crash from there recovers it). A corrupt or
-inconsistent
-epoch is dropped (the replica keeps the previous committed epoch) and the source is asked
-for a full resync; a dropped link likewise ends with the open epoch aborted.
+inconsistent epoch, or a delta whose base is not the committed epoch, is dropped (the
+replica keeps the previous committed epoch) and the source is asked once for a full
+resync: until a full epoch arrives, the deltas it sent meanwhile are dropped unread. A
+dropped link likewise ends with the open epoch aborted.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class ShadowAgent:
         self.last_frame_at = 0.0
         self.epochs_committed = 0
         self.resyncs = 0
+        #: frames dropped unread after a refusal (the rest of the refused epoch, deltas
+        #: the source sent before it read the RESYNC_REQUEST)
+        self.skipped = 0
         self.fenced = False
         #: Cluster hook: every frame from the source, before it is processed (heartbeats
         #: carry lease renewals; any frame shows the source's side is alive).
@@ -200,6 +204,12 @@ class ShadowAgent:
         replica = self.replica
         asm: EpochAssembler | None = None
         new_session = False
+        # After a refusal the source was asked once for a full epoch. What it sent before
+        # reading that (the rest of the refused epoch, deltas behind it) is dropped
+        # quietly: one request per refused frame would each make the source send yet
+        # another full epoch after the one already coming.
+        dropping = False  # until the next EPOCH_BEGIN: the rest of a refused epoch
+        asked = False  # a RESYNC_REQUEST went out; no delta is taken until a full epoch
         try:
             async with link:
                 await link.send_frame(Hello(
@@ -237,6 +247,12 @@ class ShadowAgent:
                         raise FrameError(
                             f"frame of generation {frame.generation} from a deposed primary "
                             f"(current generation {replica.generation}): refused")
+                    if isinstance(frame, EpochBegin):
+                        dropping = asked and frame.base != 0
+                        asked = dropping
+                    if dropping:
+                        self.skipped += 1
+                        continue
                     try:
                         if isinstance(frame, EpochBegin):
                             if (new_session or frame.blocks != replica.blocks
@@ -265,6 +281,7 @@ class ShadowAgent:
                             asm = None
                     except FrameError as exc:
                         log.warning("epoch refused, asking for a resync: %s", exc)
+                        dropping = asked = True
                         replica.abort()
                         asm = None
                         self.resyncs += 1

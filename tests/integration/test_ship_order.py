@@ -94,6 +94,16 @@ class _Pair:
     def ram(self) -> bytes:
         return self.replica.ram_path.read_bytes()[: PAGES * PS]
 
+    async def committed(self, upto: int) -> list[int]:
+        """The epochs of the shadow's "committed" events, once ``upto`` is among them (the
+        replica says an epoch is applied a moment before its agent reports it)."""
+        for _ in range(500):
+            got = [int(str(e["epoch"])) for e in self.events if e.get("event") == "committed"]
+            if upto in got:
+                break
+            await asyncio.sleep(0.01)
+        return got
+
     def refusals(self) -> list[str]:
         return [str(e["reason"]) for e in self.events if e.get("event") == "resync"]
 
@@ -113,8 +123,7 @@ async def test_epochs_reach_the_shadow_in_capture_order(short_tmp: Path) -> None
             assert await agent.ship(small, wait=True, timeout=30), agent.stats
             assert await first is False  # async: not waited for
             await pair.shadow.wait_committed(n + 1, timeout=30)
-            committed = [e["epoch"] for e in pair.events if e.get("event") == "committed"]
-            assert committed == list(range(1, n + 2)), committed
+            assert await pair.committed(n + 1) == list(range(1, n + 2))
             assert pair.ram() == pair.model, n
         assert not pair.refusals()
 
@@ -147,21 +156,33 @@ async def test_a_capture_handed_over_late_is_not_shipped(short_tmp: Path) -> Non
 
 async def test_the_shadow_refuses_a_delta_on_another_base(short_tmp: Path) -> None:
     """The shadow side on its own: a delta against an epoch the replica does not hold is
-    refused with a resync request, and the replica stays at its epoch, byte for byte."""
+    refused with one resync request; the rest of it and the deltas behind it (sent before
+    the source read the request) are dropped unread, so the source sends one full epoch,
+    not one per refused frame. The replica stays at its epoch, byte for byte."""
     async with _Pair(short_tmp, 3) as pair:
         link = pair.source.link
         assert link is not None
-        # epoch 3 as a delta against epoch 2, which the shadow never got
-        w = EpochWriter(generation=1, epoch=3, blocks=BLOCKS, base=2)
-        for parts in [w.begin(),
-                      w.pages(0, 1, encode_pages([7], pair.rng.randbytes(8 * PS), PS)),
-                      w.device_state(DeviceStateFormat.IGNORE_SHARED_STREAM, b"x"),
-                      w.end()]:
-            await link.send(parts)
+        held = pair.model[:]
+        # epoch 3 as a delta against epoch 2, which the shadow never got; epoch 4 after it
+        for epoch in (3, 4):
+            w = EpochWriter(generation=1, epoch=epoch, blocks=BLOCKS, base=epoch - 1)
+            for parts in [w.begin(),
+                          w.pages(0, 1, encode_pages([7], pair.rng.randbytes(8 * PS), PS)),
+                          w.device_state(DeviceStateFormat.IGNORE_SHARED_STREAM, b"x"),
+                          w.end()]:
+                await link.send(parts)
         for _ in range(200):  # until the shadow's RESYNC_REQUEST reached the source
-            if pair.source.need_full:
+            if pair.source.need_full and pair.shadow.skipped == 7:
                 break
             await asyncio.sleep(0.01)
-        assert pair.source.need_full
-        assert pair.refusals() and "delta against epoch 2" in pair.refusals()[0], pair.events
-        assert pair.replica.committed_epoch == 1 and pair.ram() == pair.model
+        assert pair.source.need_full and pair.shadow.skipped == 7
+        assert pair.shadow.resyncs == 1, pair.refusals()
+        assert "delta against epoch 2" in pair.refusals()[0], pair.events
+        assert pair.replica.committed_epoch == 1 and pair.ram() == held
+        # the full epoch the source sends next is taken, and nothing asks for another
+        assert await pair.source.ship(pair.epoch(5, pair.pages([3, 4]), full=True), wait=True,
+                                      timeout=30)
+        assert await pair.source.ship(pair.epoch(6, pair.pages([5])), wait=True, timeout=30)
+        await pair.shadow.wait_committed(6, timeout=30)
+        assert pair.ram() == pair.model and not pair.source.need_full
+        assert pair.shadow.resyncs == 1
