@@ -206,10 +206,9 @@ class ShadowAgent:
         new_session = False
         # After a refusal the source was asked once for a full epoch. What it sent before
         # reading that (the rest of the refused epoch, deltas behind it) is dropped
-        # quietly: one request per refused frame would each make the source send yet
-        # another full epoch after the one already coming.
-        dropping = False  # until the next EPOCH_BEGIN: the rest of a refused epoch
-        asked = False  # a RESYNC_REQUEST went out; no delta is taken until a full epoch
+        # quietly until a full epoch begins: one request per refused frame would each
+        # make the source send yet another full epoch after the one already coming.
+        dropping = False
         try:
             async with link:
                 await link.send_frame(Hello(
@@ -247,9 +246,8 @@ class ShadowAgent:
                         raise FrameError(
                             f"frame of generation {frame.generation} from a deposed primary "
                             f"(current generation {replica.generation}): refused")
-                    if isinstance(frame, EpochBegin):
-                        dropping = asked and frame.base != 0
-                        asked = dropping
+                    if dropping and isinstance(frame, EpochBegin):
+                        dropping = frame.base != 0
                     if dropping:
                         self.skipped += 1
                         continue
@@ -281,7 +279,7 @@ class ShadowAgent:
                             asm = None
                     except FrameError as exc:
                         log.warning("epoch refused, asking for a resync: %s", exc)
-                        dropping = asked = True
+                        dropping = True
                         replica.abort()
                         asm = None
                         self.resyncs += 1
