@@ -243,6 +243,9 @@ class SourceAgent:
         ``wait``/``timeout`` override ``wait_ack``/``ack_timeout`` for this epoch (a
         switchover's final epoch is always shipped synchronously). Returns True when the
         shadow acknowledged the epoch before this returned (only known when waiting).
+        ``timeout`` runs from this call, encoding and sending included (it bounds how long
+        a caller that holds its primary stopped waits); ``ack_timeout`` from the end of the
+        send (a large full epoch takes a while to encode).
 
         Epochs go out one at a time, in the order of the calls, which must be their
         capture order: a delta (``ep.base``) goes out only right after its base epoch, else
@@ -252,6 +255,8 @@ class SourceAgent:
         Link failures do not raise: the epoch is counted as not committed and the next one
         goes full over a new link. Raises QmpShadowError only for encoding bugs.
         """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         # taken before this coroutine first yields: a caller that captured an epoch and
         # calls ship() straight away is in line before any later capture
         async with self._ship_lock:
@@ -262,8 +267,12 @@ class SourceAgent:
         acked = False
         if self.wait_ack if wait is None else wait:
             try:
-                await asyncio.wait_for(asyncio.shield(fut),
-                                       self.ack_timeout if timeout is None else timeout)
+                # an ack that came while we sent, but after the deadline, is late too
+                left = (self.ack_timeout if deadline is None
+                        else deadline - loop.time())
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(asyncio.shield(fut), left)
                 acked = True
             except (TimeoutError, QmpShadowError) as exc:
                 log.warning("no ack for epoch %d: %s", ep.number, exc or "timeout")

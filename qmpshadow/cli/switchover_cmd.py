@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
                    help="the source agent's control socket (protect --control)")
     p.add_argument("--commit-timeout", type=float, default=10.0, metavar="S",
                    help="abort (the primary resumes) when the shadow has not committed the "
-                   "final epoch within S seconds (default 10)")
+                   "final epoch within S seconds of starting to ship it (default 10)")
     p.add_argument("--promote-timeout", type=float, default=30.0, metavar="S",
                    help="after the release, wait S seconds for the shadow's promotion "
                    "(default 30)")

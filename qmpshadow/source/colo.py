@@ -4,8 +4,10 @@ The primary has capability ``x-colo`` and migrates to our unix socket. Its initi
 becomes epoch 1 (every page); each checkpoint (dirty pages + device state) becomes the next
 epoch. :class:`ColoCapture` is the sans-I/O core: stream bytes in, epochs and the return-path
 answers out. When the answers are sent is the ack mode's business (see :class:`ColoSource`):
-``async`` answers as soon as the epoch is captured here, ``sync`` only once the shadow
-committed it — the primary stays paused until it gets VMSTATE_LOADED.
+``async`` answers as soon as the epoch is captured here (when nothing has to happen inside
+the pause, together with CHECKPOINT_REPLY: QEMU reads the answers only once the whole
+checkpoint is in our socket), ``sync`` only once the shadow committed it — the primary
+stays paused until it gets VMSTATE_LOADED.
 
 A planned switchover uses that pause: :meth:`ColoSource.final_checkpoint` makes QEMU take
 a checkpoint now and *holds* it (the answers are not sent), so the primary stays stopped at
@@ -256,8 +258,15 @@ class ColoSource:
         self.ack_mode = ack_mode
         self.delay = checkpoint_delay_ms
         self.capture = ColoCapture(main_block, defer_pages=True, early_ack=True)
-        #: the checkpoint being parsed was answered on :class:`Received`
+        #: the checkpoint being parsed was answered on :class:`Received`, or before
         self._early = False
+        #: the checkpoint in flight was answered together with its CHECKPOINT_REPLY
+        #: (see :meth:`_may_pipeline`); its bookkeeping waits for its device state
+        self._pipelined = False
+        #: wall-clock time just before the last CHECKPOINT_REPLY went out: the primary's
+        #: STOP for that checkpoint is later (QEMU stops only once it read the reply)
+        self._reply_wall = 0.0
+        self._held_reply_wall = 0.0
         self.epochs = 0
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[None] | None = None
@@ -317,7 +326,11 @@ class ColoSource:
         finally:
             self._hold = None
         with contextlib.suppress(QmpShadowError):
-            stop = await self.qmp.wait_event("STOP", timeout=1.0, since=self._held_since)
+            # the first STOP after the held checkpoint's reply: with pipelined answers
+            # the checkpoint before it may have stopped (and resumed) after _held_since
+            after = self._held_reply_wall
+            stop = await self.qmp.wait_event("STOP", timeout=1.0, since=self._held_since,
+                                             predicate=lambda e: e.timestamp >= after)
             self.stopped_at = stop.timestamp
         return ep
 
@@ -410,9 +423,25 @@ class ColoSource:
         self._answered(self._link, answer)
         return True
 
+    def _may_pipeline(self) -> bool:
+        """Whether the checkpoint that starts now may be answered with its reply.
+
+        QEMU reads VMSTATE_RECEIVED and VMSTATE_LOADED only after it wrote the whole
+        checkpoint into our socket (migration/colo.c, colo_do_checkpoint_transaction), so
+        answers sent together with CHECKPOINT_REPLY resume the primary the moment its
+        checkpoint is in our receive buffer: the async guarantee (the epoch is on this
+        host, ours alone) without our parse and wakeup inside its pause. Not when
+        something has to happen while the primary is stopped: output to seal
+        (``on_stopped``), a disk capture, a switchover's hold, or the sync ack.
+        """
+        return (self.ack_mode == "async" and self.disks is None and self.on_stopped is None
+                and not (self._hold is not None and not self._hold.done()))
+
     def _answered(self, link: _PrimaryLink, answer: bytes) -> None:
-        """Send a checkpoint's answer (the primary resumes on it) and note when."""
-        link.write(answer)
+        """Send a checkpoint's answer (the primary resumes on it; ``b""``: it was sent
+        with the reply) and note when."""
+        if answer:
+            link.write(answer)
         self._answered_seq = self.qmp.last_event_seq
         self.in_checkpoint = False
         self.answered_at = asyncio.get_running_loop().time()
@@ -505,12 +534,21 @@ class ColoSource:
                 for w in self._request_waiters:
                     if not w.done():
                         w.set_result(None)
-                link.write(b"".join(encode_colo(m) for m in item.answers))
+                answers = list(item.answers)
+                if self._may_pipeline():
+                    answers += [ColoMessage.VMSTATE_RECEIVED, ColoMessage.VMSTATE_LOADED]
+                    self._pipelined = True
+                self._reply_wall = time.time()
+                link.write(b"".join(encode_colo(m) for m in answers))
                 continue
             if isinstance(item, Received):
+                if self._pipelined:  # answered with the reply: only the bookkeeping
+                    self._pipelined = False
+                    self._answered(link, b"")
+                    self._early = True
                 # async, no disks, no switchover waiting to hold it: answer now, before
                 # parsing the device state (the primary is paused until the answer)
-                if (self.ack_mode == "async" and self.disks is None
+                elif (self.ack_mode == "async" and self.disks is None
                         and not (self._hold is not None and not self._hold.done())):
                     if self.on_stopped is not None:
                         self.on_stopped(item.number)
@@ -519,6 +557,10 @@ class ColoSource:
                 continue
             self.epochs += 1
             ep = item.epoch
+            if self._pipelined:  # (the device state came in the same read)
+                self._pipelined = False
+                self._answered(link, b"")
+                self._early = True
             early, self._early = self._early, False
             if self.on_stopped is not None and not early:
                 # the primary waits for our answer: all it produced is before it
@@ -574,6 +616,7 @@ class ColoSource:
                 await self._take_disk(ep, pending, release=False)
             self._held_answer = answer
             self._held_since = self._answered_seq  # its STOP is newer
+            self._held_reply_wall = self._reply_wall
             assert self._hold is not None
             self._hold.set_result(ep)
             return

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from qmpshadow.errors import AccelError, QmpShadowError
+from qmpshadow.migstream.colo import encode_colo
+from qmpshadow.migstream.constants import ColoMessage
 from qmpshadow.qemu.accel import AccelChoice
 from qmpshadow.qemu.process import QemuProcess
 from qmpshadow.qemu.testguest import wait_for_counter
+from qmpshadow.source import colo
 from qmpshadow.source.colo import ColoSource
 from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
@@ -150,3 +153,78 @@ async def test_colo_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
     await vm.qmp.execute("x-colo-lost-heartbeat")
     line = await wait_for_counter(vm.run.serial_log, timeout=30)
     assert line.mism == 0
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "on_stopped"])
+async def test_colo_async_answers_ride_with_the_reply(
+        launch_vm: LaunchVm, short_tmp: Path, kvm: AccelChoice, hook: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async ack with nothing to do inside the pause: each checkpoint's RECEIVED and LOADED
+    go out in the same write as its CHECKPOINT_REPLY (QEMU reads them only after sending
+    the checkpoint). With an ``on_stopped`` hook (output commit seals there) they wait for
+    the checkpoint, after the hook. Either way the epochs stay byte-exact: a final
+    checkpoint held after them equals the primary's RAM."""
+    writes: list[tuple[str, bytes]] = []
+    real_write = colo._PrimaryLink.write
+
+    def spy(link: colo._PrimaryLink, data: bytes) -> None:
+        writes.append(("write", data))
+        real_write(link, data)
+
+    monkeypatch.setattr(colo._PrimaryLink, "write", spy)
+    vm = await launch_vm(dirtier_spec("cp"), accel=kvm, start_timeout=30)
+    await wait_for_counter(vm.run.serial_log, timeout=90)
+    image = bytearray(MIB << 20)
+    enough = asyncio.Event()
+
+    async def sink(ep: CapturedEpoch) -> None:
+        _apply(image, ep)
+        if ep.number >= 5:
+            enough.set()
+
+    src = ColoSource(vm.qmp, main_block="pc.ram", sock_path=short_tmp / "c.sock",
+                     sink=sink, ack_mode="async", checkpoint_delay_ms=100)
+    if hook:
+        src.on_stopped = lambda n: writes.append(("stopped", n.to_bytes(4, "big")))
+    task = asyncio.create_task(src.run())
+    try:
+        await asyncio.wait_for(enough.wait(), 120)
+        held = await src.final_checkpoint(timeout=30)
+        _apply(image, held)
+        dump = short_tmp / "held.ram"
+        await vm.qmp.pmemsave(0, MIB << 20, str(dump))
+        _same_as_dump(image, dump)
+        before = len(writes)
+        assert await src.release_held()
+        # the primary resumes on the held answer, not before
+        assert (await vm.qmp.query_status()).running or await _runs_within(vm, 10)
+    finally:
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, Exception)):
+            await task
+    reply, acks = (encode_colo(ColoMessage.CHECKPOINT_REPLY),
+                   encode_colo(ColoMessage.VMSTATE_RECEIVED)
+                   + encode_colo(ColoMessage.VMSTATE_LOADED))
+    assert writes[before] == ("write", acks), writes[before:]
+    kinds = [(k, d) for k, d in writes[:before] if k == "stopped" or d != encode_colo(
+        ColoMessage.CHECKPOINT_READY)]
+    # checkpoints answered before the hold: the ones whose reply went out before the last
+    replies = [i for i, (k, d) in enumerate(kinds) if k == "write" and d.startswith(reply)]
+    assert len(replies) >= 5, kinds
+    for i in replies[:-1]:
+        if hook:  # reply alone; the hook, then the answers, once the checkpoint is here
+            assert kinds[i][1] == reply
+            assert kinds[i + 1][0] == "stopped" and kinds[i + 2] == ("write", acks), kinds
+        else:
+            assert kinds[i][1] == reply + acks, kinds
+    # the held checkpoint: reply alone, answered only by release_held (above)
+    assert kinds[replies[-1]][1] == reply
+    assert all(d != acks for _, d in kinds[replies[-1] + 1:]), kinds
+
+
+async def _runs_within(vm: QemuProcess, seconds: float) -> bool:
+    for _ in range(int(seconds * 10)):
+        if (await vm.qmp.query_status()).running:
+            return True
+        await asyncio.sleep(0.1)
+    return False
