@@ -209,7 +209,8 @@ async def ping_from(lan: Any, count: int, wait: float) -> dict[str, Any]:
 
 
 async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
-                  tap: str = "", cc: str = "", buf: int = 0) -> dict[str, float]:
+                  tap: str = "", cc: str = "", buf: int = 0, settle: float = 0.0
+                  ) -> dict[str, float]:
     out: dict[str, float] = {}
     doc = await ping_from(lan, pings, 3.0)
     rtts = doc["rtts"]
@@ -217,6 +218,8 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
     out["rtt_max_ms"] = max(rtts) if rtts else float("nan")
     out["ping_loss_pct"] = 100.0 * (1 - len(rtts) / max(1, doc["sent"]))
     for mode in ("from-guest", "to-guest"):
+        if mode == "to-guest":
+            await asyncio.sleep(settle)
         before = await snapshot(lan, tap) if diag else {}
         r = await asyncio.to_thread(lan.ns.run, [sys.executable, __file__, "--client", mode,
                                                  "--seconds", str(seconds),
@@ -288,7 +291,7 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
                 raise RuntimeError(f"{name}: the guest never answered a ping; serial:\n{tail}")
         await asyncio.sleep(2.0)  # its servers start right after the address
         res = await measure(lan, args.seconds, args.pings, args.diag, spec.nics[0].ifname,
-                            args.peer_cc, args.peer_buf)
+                            args.peer_cc, args.peer_buf, args.settle)
         if args.diag:
             # the kernel's own complaints (a guest this small can run out of memory)
             log = vm.run.serial_log.read_text(errors="replace").splitlines()
@@ -390,6 +393,8 @@ if __name__ == "__main__":
     ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
                     "frames queued towards the guest while it is stopped (10000; 0: the "
                     "kernel's 1000)")
+    ap.add_argument("--settle", type=float, default=3.0, metavar="S",
+                    help="seconds between the two TCP directions (3)")
     ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti, peer and "
                     "guest TCP counters (retransmits, losses, drops) and the tap's ip -s link")
     ap.add_argument("--client", choices=["from-guest", "to-guest", "ping", "stats"],
