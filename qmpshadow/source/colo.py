@@ -423,6 +423,12 @@ class ColoSource:
         self._answered(self._link, answer)
         return True
 
+    def _may_answer_early(self) -> bool:
+        """Whether the checkpoint in flight may be answered before it is parsed: async,
+        no disk capture, no switchover waiting to hold it."""
+        return (self.ack_mode == "async" and self.disks is None
+                and not (self._hold is not None and not self._hold.done()))
+
     def _may_pipeline(self) -> bool:
         """Whether the checkpoint that starts now may be answered with its reply.
 
@@ -434,8 +440,17 @@ class ColoSource:
         something has to happen while the primary is stopped: output to seal
         (``on_stopped``), a disk capture, a switchover's hold, or the sync ack.
         """
-        return (self.ack_mode == "async" and self.disks is None and self.on_stopped is None
-                and not (self._hold is not None and not self._hold.done()))
+        return self.on_stopped is None and self._may_answer_early()
+
+    def _pipelined_done(self, link: _PrimaryLink) -> bool:
+        """If the checkpoint in flight was answered with its reply, its bookkeeping now
+        (its device state is here) and True."""
+        if not self._pipelined:
+            return False
+        self._pipelined = False
+        self._answered(link, b"")
+        self._early = True
+        return True
 
     def _answered(self, link: _PrimaryLink, answer: bytes) -> None:
         """Send a checkpoint's answer (the primary resumes on it; ``b""``: it was sent
@@ -542,14 +557,9 @@ class ColoSource:
                 link.write(b"".join(encode_colo(m) for m in answers))
                 continue
             if isinstance(item, Received):
-                if self._pipelined:  # answered with the reply: only the bookkeeping
-                    self._pipelined = False
-                    self._answered(link, b"")
-                    self._early = True
-                # async, no disks, no switchover waiting to hold it: answer now, before
-                # parsing the device state (the primary is paused until the answer)
-                elif (self.ack_mode == "async" and self.disks is None
-                        and not (self._hold is not None and not self._hold.done())):
+                # answer now, before parsing the device state (the primary is paused
+                # until the answer), unless it went with the reply
+                if not self._pipelined_done(link) and self._may_answer_early():
                     if self.on_stopped is not None:
                         self.on_stopped(item.number)
                     self._answered(link, b"".join(encode_colo(m) for m in item.answers))
@@ -557,10 +567,7 @@ class ColoSource:
                 continue
             self.epochs += 1
             ep = item.epoch
-            if self._pipelined:  # (the device state came in the same read)
-                self._pipelined = False
-                self._answered(link, b"")
-                self._early = True
+            self._pipelined_done(link)  # (without a Received before it)
             early, self._early = self._early, False
             if self.on_stopped is not None and not early:
                 # the primary waits for our answer: all it produced is before it

@@ -17,6 +17,7 @@ from qmpshadow.source import colo
 from qmpshadow.source.colo import ColoSource
 from qmpshadow.source.epoch import CapturedEpoch
 from qmpshadow.source.shared_ram import SharedRamSource
+from tests.faults.e2e import runs_soon
 from tests.integration.conftest import LaunchVm
 from tests.integration.shadowkit import (
     MIB,
@@ -197,7 +198,7 @@ async def test_colo_async_answers_ride_with_the_reply(
         before = len(writes)
         assert await src.release_held()
         # the primary resumes on the held answer, not before
-        assert (await vm.qmp.query_status()).running or await _runs_within(vm, 10)
+        assert await runs_soon(vm.qmp, within=10)
     finally:
         task.cancel()
         with pytest.raises((asyncio.CancelledError, Exception)):
@@ -221,10 +222,3 @@ async def test_colo_async_answers_ride_with_the_reply(
     assert kinds[replies[-1]][1] == reply
     assert all(d != acks for _, d in kinds[replies[-1] + 1:]), kinds
 
-
-async def _runs_within(vm: QemuProcess, seconds: float) -> bool:
-    for _ in range(int(seconds * 10)):
-        if (await vm.qmp.query_status()).running:
-            return True
-        await asyncio.sleep(0.1)
-    return False
