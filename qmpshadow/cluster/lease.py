@@ -571,7 +571,8 @@ class SourceState(enum.Enum):
     #: The primary is stopped; renewals go on so that an ack can give the lease back. After
     #: ``reacquire`` it is killed and the lease released (handover), unless the named
     #: shadow connection died: then it stays stopped (killing it could destroy the only
-    #: copy) until a shadow comes back and acknowledges, or an operator acts.
+    #: copy) until a shadow comes back and acknowledges, or an operator acts. A shadow
+    #: connection named while fenced restarts the ``reacquire`` clock.
     FENCED = "fenced"
     #: The primary is gone and the lease released to the shadow. Terminal.
     RELEASED = "released"
@@ -833,6 +834,13 @@ class SourceLease:
         elif self.state is SourceState.PROTECTED:
             self._extend(now + self.timing.lease)
             out.append(ArmFencer(deadline=self.hard_deadline))
+        elif (self.state is SourceState.FENCED and self.fence_started is not None
+              and self.fence_started != math.inf and self.fencer_ok):
+            # A shadow that comes back (after a will too late to prove anything) gets a
+            # whole reacquire time to acknowledge a renewal naming it; the old clock may be
+            # long past, and handing over at once kills a primary its shadow would have
+            # given the lease back a few ms later.
+            self.fence_started = max(self.fence_started, now)
         self._renew(now, out)
 
     def _online(self, ev: ShadowOnline, out: list[Action]) -> None:

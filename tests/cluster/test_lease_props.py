@@ -202,3 +202,23 @@ def test_timing_constraints_are_enforced() -> None:
     assert ClusterTiming().violations() == []
     assert ClusterTiming(lease_ms=1000, soft_margin_ms=300).availability_notes()
     assert not ClusterTiming().availability_notes()
+
+
+@pytest.mark.parametrize("timing", TIMINGS)
+def test_shadow_back_after_a_late_will_gets_the_lease_back(timing: ClusterTiming) -> None:
+    """The shadow's whole host is cut off and its last will comes too late to prove it did
+    not promote: the primary is fenced and kept. When the cut heals after the reacquire
+    time, the shadow's new broker connection is named and must get the chance to
+    acknowledge before any handover (seen in CI: the primary was killed on the very tick
+    that named the returning shadow, fenced_at + reacquire being long past)."""
+    lease = timing.lease
+    # the will lands between the lease's end (too late to prove) and the fence's
+    # reacquire deadline (an earlier handover is this machine's other, deliberate path)
+    will_after = lease - timing.soft_margin + timing.reacquire / 2
+    heal = 2.0 + lease + timing.reacquire + 2.0
+    trace = run(_quiet(timing, link_cut=[(2.0, heal)], sbroker_cut=[(2.0, heal)],
+                       lwt_extra=will_after - timing.broker_dead_min_ms / 1000))
+    assert trace.fenced_at is not None
+    assert trace.promoted_at is None
+    assert trace.primary_dead_at is None, trace.source_states
+    assert trace.source_states[-1] is SourceState.PROTECTED, trace.source_states
