@@ -98,26 +98,29 @@ def client(mode: str, seconds: float, diag: bool = False, cc: str = "",
     t0 = time.monotonic()
     n = 0
     ss_at, ss_out = t0 + seconds * 0.8, ""
-    if mode == "from-guest":
-        while (now := time.monotonic()) - t0 < seconds:
-            if diag and not ss_out and now >= ss_at:
-                ss_out = _ss()
-            try:
+    # --diag: the peer's cwnd / ssthresh / rtt every 0.2 s for 3 s, then every second
+    # (where slow start ended, and why, decides this run's figure)
+    trail: list[str] = []
+    trail_at = t0 + 0.2
+    buf = b"\0" * (1 << 16)
+    while (now := time.monotonic()) - t0 < seconds:
+        if diag and not ss_out and now >= ss_at:
+            ss_out = _ss()
+        if diag and now >= trail_at:
+            trail.append(f"{now - t0:.1f}s {_ss_brief(_ss())}")
+            trail_at += 0.2 if now - t0 < 3 else 1.0
+        try:
+            if mode == "from-guest":
                 n += len(s.recv(1 << 16))
-            except TimeoutError:
-                continue
-    else:
-        buf = b"\0" * (1 << 16)
-        while (now := time.monotonic()) - t0 < seconds:
-            if diag and not ss_out and now >= ss_at:
-                ss_out = _ss()
-            try:
+            else:
                 n += s.send(buf)
-            except TimeoutError:
-                continue
+        except TimeoutError:
+            continue
+    if mode != "from-guest":
         outq = fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         n -= int.from_bytes(outq, sys.byteorder)
-    print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n, "ss": ss_out}))
+    print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n, "ss": ss_out,
+                      "trail": trail}))
     s.close()
 
 
@@ -127,6 +130,13 @@ def _ss() -> str:
     r = subprocess.run(["ss", "-tin", "dst", GUEST], capture_output=True, text=True,
                        check=False)
     return " ".join(r.stdout.split())
+
+
+def _ss_brief(text: str) -> str:
+    """cwnd, ssthresh, rtt/var, minrtt and retransmits out of one ``ss -tin`` line."""
+    keep = ("cwnd:", "ssthresh:", "rtt:", "minrtt:", "retrans:", "lost:", "reord_seen:",
+            "dsack_dups:", "rwnd_limited:")
+    return " ".join(f for f in text.split() if f.startswith(keep)) or "-"
 
 
 def guest_stats() -> None:
@@ -171,7 +181,9 @@ _DIAG_KEYS = ("TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPLossProbes"
               "IpExtInNoRoutes", "TcpInSegs", "TcpOutSegs", "TcpExtTCPWantZeroWindowAdv",
               "TcpExtTCPFromZeroWindowAdv", "TcpExtTCPToZeroWindowAdv", "Eth0RxErrs",
               "Eth0RxDrop", "Eth0RxFifo", "eth0_rx_dropped", "eth0_rx_missed_errors",
-              "eth0_rx_over_errors", "eth0_rx_fifo_errors", "softnet_dropped")
+              "eth0_rx_over_errors", "eth0_rx_fifo_errors", "softnet_dropped",
+              "TcpExtTCPHystartTrainDetect", "TcpExtTCPHystartTrainCwnd",
+              "TcpExtTCPHystartDelayDetect", "TcpExtTCPHystartDelayCwnd")
 
 
 async def snapshot(lan: Any, tap: str) -> dict[str, Any]:
@@ -231,6 +243,7 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
             out[mode] = float(doc["mbit"])
             if diag:
                 print(f"  {mode}: {out[mode]:.1f} Mb/s; peer ss: {doc['ss']}")
+                print("    peer trail: " + " | ".join(doc.get("trail", [])))
                 after = await snapshot(lan, tap)
                 print_diff(mode, before, after)
                 if mode == "from-guest":
