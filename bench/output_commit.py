@@ -6,21 +6,16 @@ own stack), the Linux test guest (TCG, e1000-82545em with a 4096-frame receive r
 128 MiB: small, so that the shared-RAM scan stays short) in ``lg.mode=serve``. For each
 configuration, a fresh primary:
 
-  none          no protection (the anchor)
-  oc-20/50/200  `qmpshadow protect` (shared-RAM source) + `qmpshadow shadow` on a unix
-                link, output_commit = "on", fixed epochs of 20, 50, 200 ms, frames released
-                at commit (--release-ms sets another floor)
-  oc-50-steady  50 ms epochs with the release floor `--output-release-ms auto`: every frame
-                waits the same, so the peer's TCP sees a steady RTT (docs/output-commit.md)
-  oc-adaptive   the adaptive policy (--epoch-min-ms 20 --epoch-max-ms 200)
+  none         no protection (the anchor)
+  oc-20/50/200 `qmpshadow protect` (shared-RAM source) + `qmpshadow shadow` on a unix link,
+               output_commit = "on", fixed epochs of 20, 50, 200 ms
+  oc-adaptive  the same with the adaptive policy (--epoch-min-ms 20 --epoch-max-ms 200)
 
 measured from the peer: ping RTT (``ping -i 0.1``), TCP throughput guest → peer (the peer
 reads what the guest's port 5001 sends) and peer → guest (the peer writes to port 5002;
-bytes counted once acknowledged: sent minus the socket's unacknowledged queue). Last line
-(ratio: the lower of the two directions' ratio to none; rtt: the ping average):
+bytes counted once acknowledged: sent minus the socket's unacknowledged queue). Last line:
 
-  RESULT tcp_ratio_50ms=<oc-50-steady> rtt_ms_50ms=<oc-50-steady>
-         tcp_ratio_50ms_at_commit=<oc-50> rtt_ms_50ms_at_commit=<oc-50>
+  RESULT tcp_ratio_50ms=<lower of the two directions' ratio to none> rtt_ms_50ms=<avg>
 """
 
 from __future__ import annotations
@@ -260,7 +255,7 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
 
 
 async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
-                     epoch: tuple[int, int] | None, release: str) -> dict[str, float]:
+                     epoch: tuple[int, int] | None) -> dict[str, float]:
     from qmpshadow.qemu.argv import RunPaths, primary_argv
     from qmpshadow.qemu.process import QemuProcess
     from qmpshadow.qemu.spec import VmSpec
@@ -295,8 +290,7 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
             source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
                             str(run.qmp2_sock), "--to", link, "--interval", str(epoch[1]),
                             "--epoch-min-ms", str(epoch[0]), "--epoch-max-ms", str(epoch[1]),
-                            "--output-release-ms", release, "--json"],
-                           tmp / "source.out")
+                            "--json"], tmp / "source.out")
             agents.append(source)
             await shadow.wait_event(lambda e: e.get("event") == "committed"
                                     and e["epoch"] >= 3, timeout=60)
@@ -341,11 +335,9 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
 async def main(args: argparse.Namespace) -> int:
     from qmpshadow.testing.lan import Lan
 
-    r = args.release_ms
-    configs: list[tuple[str, tuple[int, int] | None, str]] = [
-        ("none", None, "0"), ("oc-20", (20, 20), r), ("oc-50", (50, 50), r),
-        ("oc-50-steady", (50, 50), "auto"), ("oc-200", (200, 200), r),
-        ("oc-adaptive", (20, 200), r)]
+    configs: list[tuple[str, tuple[int, int] | None]] = [
+        ("none", None), ("oc-20", (20, 20)), ("oc-50", (50, 50)), ("oc-200", (200, 200)),
+        ("oc-adaptive", (20, 200))]
     if args.only:
         configs = [c for c in configs if c[0] == "none" or c[0] in args.only.split(",")]
     results: dict[str, dict[str, float]] = {}
@@ -358,9 +350,9 @@ async def main(args: argparse.Namespace) -> int:
               f"{args.tap_qlen or 'default'}; guest HyStart: "
               f"{'off' if args.no_hystart else 'on'}; NIC {args.nic_model}, receive ring "
               f"{args.rx_desc or 'default'}", flush=True)
-        for name, epoch, release in configs:
+        for name, epoch in configs:
             print(f"{name}: measuring ...", flush=True)
-            results[name] = await run_config(name, Path(d), lan, args, epoch, release)
+            results[name] = await run_config(name, Path(d), lan, args, epoch)
             print(f"  {json.dumps(results[name])}", flush=True)
     base = results["none"]
     print(f"\n{'config':<12} {'rtt ms':>8} {'loss %':>7} {'guest->peer':>12} {'ratio':>6} "
@@ -375,16 +367,11 @@ async def main(args: argparse.Namespace) -> int:
               f"{r.get('commit_lag_ms', float('nan')):>12.1f} "
               f"{r.get('shadow_seal_ms', float('nan')):>8.1f} "
               f"{r.get('shadow_commit_ms', float('nan')):>9.1f}")
-    def ratio(name: str) -> float:
-        r = results[name]
-        return min(r["from-guest"] / base["from-guest"], r["to-guest"] / base["to-guest"])
-
-    if "oc-50-steady" not in results or "oc-50" not in results:
+    if "oc-50" not in results:
         return 0
-    print(f"RESULT tcp_ratio_50ms={ratio('oc-50-steady'):.2f} "
-          f"rtt_ms_50ms={results['oc-50-steady']['rtt_ms']:.1f} "
-          f"tcp_ratio_50ms_at_commit={ratio('oc-50'):.2f} "
-          f"rtt_ms_50ms_at_commit={results['oc-50']['rtt_ms']:.1f}")
+    r50 = results["oc-50"]
+    ratio = min(r50["from-guest"] / base["from-guest"], r50["to-guest"] / base["to-guest"])
+    print(f"RESULT tcp_ratio_50ms={ratio:.2f} rtt_ms_50ms={r50['rtt_ms']:.1f}")
     return 0
 
 
@@ -397,8 +384,7 @@ if __name__ == "__main__":
                     "killed the sender in about 1 run in 3, the anchor's too; the Linux guest "
                     "prints nothing with 64)")
     ap.add_argument("--only", help="comma-separated configurations besides none "
-                    "(oc-20,oc-50,oc-50-steady,oc-200,oc-adaptive); the RESULT line needs "
-                    "oc-50 and oc-50-steady")
+                    "(oc-20,oc-50,oc-200,oc-adaptive); the RESULT line needs oc-50")
     ap.add_argument("--tcp-buf", type=int, default=16 << 20, help="the guest's largest TCP "
                     "buffer in bytes, anchor and protected runs alike (16 MiB, a window for "
                     "~500 Mb/s over a ~65 ms hold; 0: the kernel's default, ~288 KiB for "
@@ -421,9 +407,6 @@ if __name__ == "__main__":
     ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
                     "frames queued towards the guest while it is stopped (10000; 0: the "
                     "kernel's 1000)")
-    ap.add_argument("--release-ms", default="0", metavar="MS|auto",
-                    help="the source agent's --output-release-ms for the oc-* configs but "
-                    "oc-50-steady (always auto); default 0: release at commit")
     ap.add_argument("--settle", type=float, default=3.0, metavar="S",
                     help="seconds between the two TCP directions (3)")
     ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti, peer and "

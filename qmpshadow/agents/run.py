@@ -147,8 +147,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                       cluster: ClusterOptions | None = None,
                       fencer_log: Path | None = None, control: Path | None = None,
                       metrics: str | None = None, epoch_min_ms: int | None = None,
-                      epoch_max_ms: int | None = None,
-                      output_release_ms: float | None = 0.0) -> str:
+                      epoch_max_ms: int | None = None) -> str:
     """Protect a running primary until interrupted (or ``max_epochs`` epochs).
 
     With ``cluster`` the agent also holds the primary's lease through the broker, renews
@@ -165,10 +164,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     ``epoch_min_ms``/``epoch_max_ms``: bounds of the adaptive epoch length (shorter while
     the guest's output waits, longer when idle; both default to ``interval_ms``, i.e. a
     fixed length). With ``spec.output_commit`` the primary's network frames and serial bytes
-    are held until their epoch commits (qmpshadow.output, docs/output-commit.md);
-    ``output_release_ms`` > 0 holds each frame at least that long after the guest sent it
-    (a constant wait for the peer's TCP instead of one that varies by an epoch); None: the
-    longest wait measured over the last epochs (qmpshadow.output.core.AutoFloor).
+    are held until their epoch commits (qmpshadow.output, docs/output-commit.md).
 
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
     exists, QmpShadowError subclasses otherwise (RdmaUnavailableError before anything
@@ -180,13 +176,6 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
         source = "shared-ram" if spec.memory.backend == "file" else "colo"
     if source not in ("colo", "shared-ram"):
         raise ConfigError(f"--source must be auto, colo or shared-ram, got {source!r}")
-    if output_release_ms != 0 and not spec.output_commit:
-        raise ConfigError(f"--output-release-ms {output_release_ms or 'auto'}: the spec of "
-                          f"{spec.name!r} has no output_commit = \"on\", so no output is held; "
-                          "drop the option or turn output commit on")
-    if output_release_ms is not None and output_release_ms < 0:
-        raise ConfigError(f"--output-release-ms: expected >= 0 ms or auto, got "
-                          f"{output_release_ms:g}")
     copied = [d for d in spec.disks if d.mode == "copy"]
     emin = epoch_min_ms or interval_ms
     policy = EpochPolicy(emin, epoch_max_ms or max(interval_ms, emin))
@@ -314,13 +303,11 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             if spec.output_commit:
                 serial_log = spec.serial if isinstance(spec.serial, Path) else None
                 oc = OutputCommit(spec.nics, serial=spec.serial is not False,
-                                  serial_log=serial_log, on_output=wake.set,
-                                  release_floor_ms=output_release_ms)
+                                  serial_log=serial_log, on_output=wake.set)
                 await oc.open(qmp)
                 agent.on_commit = oc.commit
                 status({"event": "output-commit", "nics": [n.id for n in spec.nics],
-                        "serial": spec.serial is not False,
-                        "release_floor_ms": output_release_ms})
+                        "serial": spec.serial is not False})
             if cluster is not None and primary is not None:
                 from ..cluster.source_side import SourceCluster
 

@@ -42,20 +42,6 @@ def _cluster(p: argparse.ArgumentParser) -> None:
                    help="MQTT keepalive in seconds (default 1)")
 
 
-def _release_ms(text: str) -> float | None:
-    """``--output-release-ms``: milliseconds >= 0, or ``auto`` (None)."""
-    if text == "auto":
-        return None
-    try:
-        ms = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds or 'auto', got {text!r}"
-                                         ) from None
-    if ms < 0:
-        raise argparse.ArgumentTypeError(f"expected >= 0 ms (0: release at commit), got {ms:g}")
-    return ms
-
-
 def register(sub: Any) -> None:
     """Add protect, shadow and promote to ``sub``."""
     p = sub.add_parser("protect", help="source agent: checkpoint a running primary to a shadow",
@@ -80,12 +66,6 @@ def register(sub: Any) -> None:
     p.add_argument("--epoch-max-ms", type=int, metavar="MS",
                    help="adaptive epoch length: the longest, reached when idle (default "
                    "--interval, or --epoch-min-ms if larger)")
-    p.add_argument("--output-release-ms", type=_release_ms, default=0.0, metavar="MS|auto",
-                   help="output commit: hold each network frame at least MS after the guest "
-                   "sent it, not only until its epoch commits (default 0: at commit). About "
-                   "epoch + pause + commit lag makes the wait constant, so peers' TCP sees a "
-                   "steady RTT instead of one jumping by an epoch, for more mean latency; "
-                   "auto: the longest wait of the last epochs (docs/output-commit.md)")
     p.add_argument("--epochs", type=int, default=0, help="stop after N epochs (0: never)")
     p.add_argument("--generation", type=int, default=1, metavar="N",
                    help="fencing token of this primary (default 1; after a failover, "
@@ -175,8 +155,7 @@ def run_protect(args: argparse.Namespace) -> int:
                                cluster=_cluster_options(args), fencer_log=args.fencer_log,
                                control=args.control, metrics=args.metrics,
                                epoch_min_ms=args.epoch_min_ms,
-                               epoch_max_ms=args.epoch_max_ms,
-                               output_release_ms=args.output_release_ms))
+                               epoch_max_ms=args.epoch_max_ms))
     if outcome == "released" and not args.json:
         print("the primary exited; its lease was released to the shadow", file=sys.stderr)
     elif outcome == "switched-over" and not args.json:

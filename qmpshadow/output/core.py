@@ -94,52 +94,33 @@ class FrameDecoder:
 class _Held:
     epoch: int
     items: list[bytes] = field(default_factory=list)
-    stamps: list[float] = field(default_factory=list)
     size: int = 0
 
 
 class HoldQueue:
     """Output held per epoch until that epoch commits (one queue per output channel).
 
-    ``hold(data, now)`` puts output into the open epoch (the one the guest is running in);
+    ``hold(data)`` puts output into the open epoch (the one the guest is running in);
     ``seal(n)`` closes it as epoch ``n`` — call it while the primary is stopped for
     checkpoint ``n``, after every byte produced before the stop was held, so that everything
-    held so far was produced by an epoch <= n. ``commit(n, now)`` returns, in order, the
-    items of sealed epochs <= n that may leave now. ``drop()`` forgets everything not
-    committed (failover: uncommitted output must never be seen). Output produced after
-    ``cont`` goes into the next epoch, which only ever delays it, never releases it early.
-
-    ``floor`` (seconds, 0: none) is the release floor: a committed item leaves no sooner
-    than ``floor`` after it was held. Released at commit, an item waits between the commit
-    round trip and a whole epoch more, depending on when in the epoch it was produced; a
-    TCP peer sees that as an RTT jumping by up to an epoch, and CUBIC's HyStart ends slow
-    start at whatever window it had then. A floor at least the longest of those waits
-    makes every item wait the same (a constant RTT) at the price of a higher mean
-    latency. Items waiting for their floor are committed: :meth:`due` hands them out when
-    their time comes, :meth:`flush` at once.
+    held so far was produced by an epoch <= n. ``commit(n)`` returns, in order, every item
+    of sealed epochs <= n. ``drop()`` forgets everything held (failover: uncommitted output
+    must never be seen). Output produced after ``cont`` goes into the next epoch, which only
+    ever delays it, never releases it early.
     """
 
-    def __init__(self, floor: float = 0.0) -> None:
-        if floor < 0:
-            raise ValueError(f"release floor: expected >= 0 s, got {floor}")
-        self.floor = floor
+    def __init__(self) -> None:
         self._sealed: deque[_Held] = deque()
         self._open = _Held(epoch=-1)
-        self._ready: deque[tuple[float, bytes]] = deque()  # (due, item), committed
         self.committed = 0
         self.released_items = 0
         self.released_bytes = 0
         self.dropped_items = 0
-        #: items whose commit came after their floor had passed (the floor was too short
-        #: to make the wait constant)
-        self.late_items = 0
 
-    def hold(self, data: bytes, now: float = 0.0) -> None:
-        """Hold ``data`` (a frame or a chunk of serial bytes), produced at ``now``, in the
-        open epoch."""
+    def hold(self, data: bytes) -> None:
+        """Hold ``data`` (a frame or a chunk of serial bytes) in the open epoch."""
         if data:
             self._open.items.append(data)
-            self._open.stamps.append(now)
             self._open.size += len(data)
 
     def seal(self, epoch: int) -> None:
@@ -155,53 +136,24 @@ class HoldQueue:
         if self._sealed and self._sealed[-1].epoch >= epoch:
             last = self._sealed[-1]
             last.items += cur.items
-            last.stamps += cur.stamps
             last.size += cur.size
             return
         cur.epoch = epoch
         self._sealed.append(cur)
 
-    def commit(self, epoch: int, now: float = 0.0) -> list[bytes]:
-        """Commit every sealed epoch <= ``epoch``; returns, oldest first, the items that may
-        leave at ``now`` (all of them without a floor)."""
+    def commit(self, epoch: int) -> list[bytes]:
+        """Release the output of every sealed epoch <= ``epoch``, oldest first."""
+        out: list[bytes] = []
         self.committed = max(self.committed, epoch)
         while self._sealed and self._sealed[0].epoch <= epoch:
             held = self._sealed.popleft()
-            for at, item in zip(held.stamps, held.items, strict=True):
-                due = at + self.floor
-                if self.floor and due < now:
-                    self.late_items += 1
-                self._ready.append((due, item))
-        return self.due(now)
-
-    def due(self, now: float) -> list[bytes]:
-        """The committed items whose floor has passed at ``now``, oldest first (order is
-        kept: an item never overtakes an earlier one)."""
-        out: list[bytes] = []
-        while self._ready and self._ready[0][0] <= now:
-            out.append(self._ready.popleft()[1])
-        self._count(out)
+            out += held.items
+            self.released_items += len(held.items)
+            self.released_bytes += held.size
         return out
-
-    def flush(self) -> list[bytes]:
-        """Every committed item, floor or not (the channel closes)."""
-        out = [item for _due, item in self._ready]
-        self._ready.clear()
-        self._count(out)
-        return out
-
-    def _count(self, out: list[bytes]) -> None:
-        self.released_items += len(out)
-        self.released_bytes += sum(len(x) for x in out)
-
-    @property
-    def next_due(self) -> float | None:
-        """When the oldest committed item may leave (None: none waits)."""
-        return self._ready[0][0] if self._ready else None
 
     def drop(self) -> int:
-        """Forget all output not committed (sealed and open); returns how many items were
-        dropped. Committed items waiting for their floor stay (see :meth:`flush`)."""
+        """Forget all held output (sealed and open); returns how many items were dropped."""
         n = sum(len(h.items) for h in self._sealed) + len(self._open.items)
         self._sealed.clear()
         self._open = _Held(epoch=-1)
@@ -210,39 +162,15 @@ class HoldQueue:
 
     @property
     def held_items(self) -> int:
-        """Items not yet released (uncommitted, or committed and waiting for the floor)."""
-        return (sum(len(h.items) for h in self._sealed) + len(self._open.items)
-                + len(self._ready))
+        """Items waiting (sealed and open)."""
+        return sum(len(h.items) for h in self._sealed) + len(self._open.items)
 
     @property
     def held_bytes(self) -> int:
-        """Bytes not yet released."""
-        return (sum(h.size for h in self._sealed) + self._open.size
-                + sum(len(x) for _d, x in self._ready))
+        """Bytes waiting (sealed and open)."""
+        return sum(h.size for h in self._sealed) + self._open.size
 
     @property
     def open_items(self) -> int:
         """Items produced since the last seal (output activity in the running epoch)."""
         return len(self._open.items)
-
-
-class AutoFloor:
-    """The release floor that makes every frame wait the same: the longest wait an item
-    can have, measured as seal of the previous epoch → commit of this one (an item of
-    epoch N was produced after the previous seal), the largest of the last ``window``
-    epochs plus ``margin`` seconds. Starts at 0 (no floor) until an epoch was measured."""
-
-    def __init__(self, window: int = 8, margin: float = 0.002) -> None:
-        if window < 1:
-            raise ValueError(f"AutoFloor window: expected >= 1, got {window}")
-        self._spans: deque[float] = deque(maxlen=window)
-        self.margin = margin
-
-    def note(self, span: float) -> None:
-        """One epoch's seal-to-commit span in seconds."""
-        self._spans.append(max(0.0, span))
-
-    @property
-    def floor(self) -> float:
-        """The floor in seconds (0 before any span was noted)."""
-        return max(self._spans) + self.margin if self._spans else 0.0

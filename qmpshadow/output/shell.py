@@ -30,7 +30,7 @@ from typing import IO, Any
 from ..errors import ConfigError, QmpShadowError
 from ..qemu.nics import NicSpec, chardev_ids
 from ..qmp.control import QmpControl
-from .core import AutoFloor, FrameDecoder, HoldQueue, encode_frame
+from .core import FrameDecoder, HoldQueue, encode_frame
 
 log = logging.getLogger(__name__)
 _READ = 1 << 16
@@ -59,7 +59,6 @@ class _Channel:
     sink_file: IO[bytes] | None = None  # serial: the log
     closed: bool = False
     read_bytes: int = 0
-    floored: bool = False  # the release floor applies (frames; not serial bytes)
 
     def drain(self) -> int:
         """Read what the socket holds now (never blocks); returns the bytes read."""
@@ -77,13 +76,12 @@ class _Channel:
                 self.closed = True
                 break
             got += len(data)
-            now = time.monotonic()
             if self.decoder is None:
-                self.queue.hold(data, now)
+                self.queue.hold(data)
             else:
                 self.decoder.receive_data(data)
                 for frame in self.decoder.frames():
-                    self.queue.hold(frame, now)
+                    self.queue.hold(frame)
         self.read_bytes += got
         return got
 
@@ -107,17 +105,8 @@ class OutputCommit:
 
     def __init__(self, nics: tuple[NicSpec, ...], *, serial: bool,
                  serial_log: Path | None = None,
-                 on_output: Callable[[], None] | None = None,
-                 release_floor_ms: float | None = 0.0) -> None:
-        if release_floor_ms is not None and release_floor_ms < 0:
-            raise ConfigError(f"output release floor: expected >= 0 ms, got "
-                              f"{release_floor_ms}; 0 releases at commit")
+                 on_output: Callable[[], None] | None = None) -> None:
         self.nics = nics
-        #: None: automatic (:class:`AutoFloor`, follows the epoch length and the commit lag)
-        self.release_floor_ms = release_floor_ms
-        self._auto = AutoFloor() if release_floor_ms is None else None
-        self._last_seal: float | None = None  # seal time of the last committed epoch
-        self._timer: asyncio.TimerHandle | None = None
         self.serial = serial
         self.serial_log = serial_log
         self.on_output = on_output
@@ -156,11 +145,7 @@ class OutputCommit:
                 raise QmpShadowError(f"output commit: cannot connect {paths[out]}: {exc}; is "
                                      "another agent connected to the primary?") from None
             sock.setblocking(False)
-            # the floor is for frames (a peer's TCP sees their wait as its RTT); serial
-            # bytes leave at commit: held longer they would only be lost more often
-            ch = _Channel(name=out, sock=sock, queue=HoldQueue(
-                (self.release_floor_ms or 0.0) / 1000 if nic is not None else 0.0))
-            ch.floored = nic is not None
+            ch = _Channel(name=out, sock=sock)
             if nic is not None:
                 ch.decoder = FrameDecoder()
                 try:
@@ -200,54 +185,17 @@ class OutputCommit:
         self._sealed_at.setdefault(epoch, time.monotonic())
 
     def commit(self, epoch: int) -> None:
-        """The shadow committed ``epoch``: release its output (and any earlier), or as
-        much of it as the release floor lets leave now (the rest on a timer)."""
-        now = time.monotonic()
+        """The shadow committed ``epoch``: release its output (and any earlier)."""
+        for ch in self.channels:
+            ch.release(ch.queue.commit(epoch))
         at = self._sealed_at.pop(epoch, None)
         for n in [n for n in self._sealed_at if n < epoch]:
             del self._sealed_at[n]
-        if self._auto is not None and at is not None:
-            # an item of this epoch was produced after the previous seal: the longest
-            # wait is from there to now
-            if self._last_seal is not None:
-                self._auto.note(now - self._last_seal)
-            self._last_seal = at
-            for ch in self.channels:
-                if ch.floored:
-                    ch.queue.floor = self._auto.floor
-        for ch in self.channels:
-            ch.release(ch.queue.commit(epoch, now))
-        self._arm()
         if at is not None:
-            self.commit_lag_ms = (now - at) * 1000
-
-    def _arm(self) -> None:
-        """Wake when the next committed frame's floor passes."""
-        dues = [d for ch in self.channels if (d := ch.queue.next_due) is not None]
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if dues:
-            delay = max(0.0, min(dues) - time.monotonic())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._release_due)
-
-    def _release_due(self) -> None:
-        self._timer = None
-        now = time.monotonic()
-        for ch in self.channels:
-            ch.release(ch.queue.due(now))
-        self._arm()
-
-    def flush(self) -> None:
-        """Release every committed item now, floor or not."""
-        for ch in self.channels:
-            ch.release(ch.queue.flush())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.commit_lag_ms = (time.monotonic() - at) * 1000
 
     def drop(self) -> int:
-        """Forget every uncommitted item (failover, or protection ends uncommitted)."""
+        """Forget every held item (failover, or protection ends uncommitted)."""
         return sum(ch.queue.drop() for ch in self.channels)
 
     def take_activity(self) -> bool:
@@ -263,20 +211,10 @@ class OutputCommit:
                 "output_held_bytes": sum(q.held_bytes for q in qs),
                 "output_released": sum(q.released_items for q in qs),
                 "output_released_bytes": sum(q.released_bytes for q in qs),
-                "output_dropped": sum(q.dropped_items for q in qs),
-                "output_late": sum(q.late_items for q in qs),
-                "release_floor_ms": self.release_floor_now_ms}
-
-    @property
-    def release_floor_now_ms(self) -> float:
-        """The floor in force (automatic: the current estimate)."""
-        if self._auto is not None:
-            return round(self._auto.floor * 1000, 1)
-        return self.release_floor_ms or 0.0
+                "output_dropped": sum(q.dropped_items for q in qs)}
 
     async def close(self) -> None:
-        """Release what is committed, drop what is not, and close the sockets."""
-        self.flush()
+        """Drop what is held (it was never committed) and close the sockets."""
         self.drop()
         loop = asyncio.get_running_loop()
         for ch in self.channels:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from qmpshadow.errors import ConfigError
 from qmpshadow.output import EpochPolicy, FrameDecoder, HoldQueue, encode_frame
-from qmpshadow.output.core import MAX_FRAME, AutoFloor, OutputFramingError
+from qmpshadow.output.core import MAX_FRAME, OutputFramingError
 from qmpshadow.output.shell import _chardev_paths
 from qmpshadow.qemu.argv import RunPaths, primary_argv, shadow_argv
 from qmpshadow.qemu.spec import VmSpec
@@ -124,94 +124,6 @@ def test_hold_queue_never_releases_early_or_twice(ops: list[tuple[str, int]]) ->
             released += out
     assert len(released) == len(set(released))
     assert released == sorted(released, key=lambda b: int(b))
-
-
-def test_hold_queue_floor_makes_every_wait_the_same() -> None:
-    """With a release floor, a committed item leaves ``floor`` after it was held, whenever
-    its epoch committed; a commit after that releases at once and counts as late."""
-    q = HoldQueue(floor=0.080)
-    q.hold(b"early", 0.000)  # produced at the start of epoch 1
-    q.hold(b"late", 0.050)  # produced just before its stop
-    q.seal(1)
-    assert q.commit(1, now=0.060) == []  # committed; neither has waited 80 ms
-    assert q.held_items == 2 and q.next_due == pytest.approx(0.080)
-    assert q.due(0.079) == []
-    assert q.due(0.080) == [b"early"]
-    q.hold(b"next", 0.070)
-    q.seal(2)
-    assert q.due(0.2) == [b"late"]  # epoch 2 is not committed: "next" stays
-    assert q.commit(2, now=0.3) == [b"next"]  # 0.15 after its floor: late
-    assert q.late_items == 1 and q.held_items == 0 and q.next_due is None
-    assert (q.released_items, q.released_bytes) == (3, 13)
-
-
-def test_hold_queue_floor_keeps_order_and_flush_releases_committed_only() -> None:
-    q = HoldQueue(floor=1.0)
-    q.hold(b"a", 0.0)
-    q.seal(1)
-    q.hold(b"b", 0.5)
-    q.seal(2)
-    q.hold(b"c", 0.6)
-    assert q.commit(2, now=0.7) == []
-    # drop (failover) forgets the uncommitted item only: committed ones still go out
-    assert q.drop() == 1
-    assert q.held_items == 2
-    assert q.flush() == [b"a", b"b"]
-    assert q.held_items == 0 and q.dropped_items == 1 and q.flush() == []
-    with pytest.raises(ValueError, match="release floor"):
-        HoldQueue(floor=-1)
-
-
-@given(st.lists(st.tuples(st.sampled_from(["hold", "seal", "commit", "tick"]),
-                          st.integers(min_value=0, max_value=6)), max_size=60),
-       st.sampled_from([0.0, 0.01, 0.05]))
-def test_hold_queue_with_floor_never_releases_early_or_out_of_order(
-        ops: list[tuple[str, int]], floor: float) -> None:
-    """Model: an item leaves at most once, in order, only once its epoch committed, and
-    never before ``floor`` after it was held."""
-    q = HoldQueue(floor=floor)
-    sealed_into: dict[bytes, int] = {}
-    held_at: dict[bytes, float] = {}
-    open_items: list[bytes] = []
-    released: list[bytes] = []
-    epoch = 0
-    now = 0.0
-    for i, (op, n) in enumerate(ops):
-        now += 0.007 * n
-        if op == "hold":
-            item = b"%d" % i
-            q.hold(item, now)
-            held_at[item] = now
-            open_items.append(item)
-        elif op == "seal":
-            epoch += 1
-            q.seal(epoch)
-            sealed_into.update(dict.fromkeys(open_items, epoch))
-            open_items.clear()
-        else:
-            upto = min(n, epoch)
-            out = q.commit(upto, now) if op == "commit" else q.due(now)
-            for item in out:
-                assert item in sealed_into and sealed_into[item] <= q.committed
-                assert now >= held_at[item] + floor
-            released += out
-    assert len(released) == len(set(released))
-    assert released == sorted(released, key=lambda b: int(b))
-
-
-def test_auto_floor_is_the_longest_recent_span_plus_a_margin() -> None:
-    f = AutoFloor(window=3, margin=0.002)
-    assert f.floor == 0.0  # nothing measured: release at commit
-    for span in (0.070, 0.090, 0.060):
-        f.note(span)
-    assert f.floor == pytest.approx(0.092)
-    f.note(0.050)
-    f.note(0.050)  # the 90 ms epoch left the window
-    assert f.floor == pytest.approx(0.062)
-    f.note(-1.0)  # a clock step back never makes a negative floor
-    assert f.floor == pytest.approx(0.052)
-    with pytest.raises(ValueError, match="window"):
-        AutoFloor(window=0)
 
 
 def test_policy_shortens_at_once_and_lengthens_when_idle() -> None:
