@@ -401,9 +401,9 @@ if __name__ == "__main__":
                     "256 receive descriptors)")
     ap.add_argument("--rx-desc", type=int, default=4096, help="the guest's e1000 receive "
                     "ring (default 4096, the most it takes; 0: the driver's default, 256). "
-                    "Frames sent to the "
-                    "guest while it is stopped arrive in one burst at resume, and QEMU drops "
-                    "what the ring cannot hold (the guest's rx_missed_errors)")
+                    "Frames sent to the guest while it is stopped arrive in one burst at "
+                    "resume, and QEMU drops what the ring cannot hold (the guest's "
+                    "rx_missed_errors: 3-10 per run at 1024, 0 at 4096)")
     ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
                     "frames queued towards the guest while it is stopped (10000; 0: the "
                     "kernel's 1000)")
