@@ -243,7 +243,7 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
             out[mode] = float(doc["mbit"])
             if diag:
                 print(f"  {mode}: {out[mode]:.1f} Mb/s; peer ss: {doc['ss']}")
-                print("    peer trail: " + " | ".join(doc.get("trail", [])))
+                print("    peer trail: " + " | ".join(doc["trail"]))
                 after = await snapshot(lan, tap)
                 print_diff(mode, before, after)
                 if mode == "from-guest":
@@ -409,8 +409,9 @@ if __name__ == "__main__":
                     "kernel's 1000)")
     ap.add_argument("--settle", type=float, default=3.0, metavar="S",
                     help="seconds between the two TCP directions (3)")
-    ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti, peer and "
-                    "guest TCP counters (retransmits, losses, drops) and the tap's ip -s link")
+    ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti and its "
+                    "cwnd/ssthresh/rtt trail, peer and guest TCP counters (retransmits, "
+                    "losses, drops, HyStart exits) and the tap's ip -s link")
     ap.add_argument("--client", choices=["from-guest", "to-guest", "ping", "stats"],
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
