@@ -290,7 +290,7 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
             source = Agent([*CLI, "protect", "--spec", str(spec_path), "--qmp",
                             str(run.qmp2_sock), "--to", link, "--interval", str(epoch[1]),
                             "--epoch-min-ms", str(epoch[0]), "--epoch-max-ms", str(epoch[1]),
-                            "--json"], tmp / "source.out")
+                            "--ack-thinning", args.ack_thinning, "--json"], tmp / "source.out")
             agents.append(source)
             await shadow.wait_event(lambda e: e.get("event") == "committed"
                                     and e["epoch"] >= 3, timeout=60)
@@ -317,6 +317,7 @@ async def run_config(name: str, root: Path, lan: Any, args: argparse.Namespace,
             res["epoch_ms_last"] = float(eps[-1].get("epoch_ms", 0)) if eps else float("nan")
             lags = sorted(e["commit_lag_ms"] for e in eps[-50:] if e.get("commit_lag_ms"))
             res["commit_lag_ms"] = lags[len(lags) // 2] if lags else float("nan")
+            res["acks_thinned"] = float(eps[-1].get("output_acks_thinned", 0)) if eps else 0.0
             # the shadow's part of seal->ack: its commit record (+ fsync) before the ack
             # (seal_ms); commit_ms adds the apply and data sync that follow the ack
             evs = [e for e in agents[0].events() if e.get("event") == "committed"][-50:]
@@ -349,7 +350,7 @@ async def main(args: argparse.Namespace) -> int:
               f"{args.peer_buf or 'autotuned'}; tap txqueuelen: "
               f"{args.tap_qlen or 'default'}; guest HyStart: "
               f"{'off' if args.no_hystart else 'on'}; NIC {args.nic_model}, receive ring "
-              f"{args.rx_desc or 'default'}", flush=True)
+              f"{args.rx_desc or 'default'}; ACK thinning {args.ack_thinning}", flush=True)
         for name, epoch in configs:
             print(f"{name}: measuring ...", flush=True)
             results[name] = await run_config(name, Path(d), lan, args, epoch)
@@ -407,6 +408,9 @@ if __name__ == "__main__":
     ap.add_argument("--tap-qlen", type=int, default=10000, help="the tap's txqueuelen: the "
                     "frames queued towards the guest while it is stopped (10000; 0: the "
                     "kernel's 1000)")
+    ap.add_argument("--ack-thinning", default="on", choices=["on", "off"],
+                    help="the source agent's --ack-thinning (default on, the product's "
+                    "default: one pure ACK per flow per release)")
     ap.add_argument("--settle", type=float, default=3.0, metavar="S",
                     help="seconds between the two TCP directions (3)")
     ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti and its "

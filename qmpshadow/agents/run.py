@@ -147,7 +147,7 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
                       cluster: ClusterOptions | None = None,
                       fencer_log: Path | None = None, control: Path | None = None,
                       metrics: str | None = None, epoch_min_ms: int | None = None,
-                      epoch_max_ms: int | None = None) -> str:
+                      epoch_max_ms: int | None = None, thin_acks: bool = True) -> str:
     """Protect a running primary until interrupted (or ``max_epochs`` epochs).
 
     With ``cluster`` the agent also holds the primary's lease through the broker, renews
@@ -164,7 +164,9 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
     ``epoch_min_ms``/``epoch_max_ms``: bounds of the adaptive epoch length (shorter while
     the guest's output waits, longer when idle; both default to ``interval_ms``, i.e. a
     fixed length). With ``spec.output_commit`` the primary's network frames and serial bytes
-    are held until their epoch commits (qmpshadow.output, docs/output-commit.md).
+    are held until their epoch commits (qmpshadow.output, docs/output-commit.md);
+    ``thin_acks``: each release leaves out the pure TCP ACKs a later one of the same flow
+    stands for (qmpshadow.output.acks).
 
     Raises ConfigError for an unusable spec/source, DeposedError when a newer generation
     exists, QmpShadowError subclasses otherwise (RdmaUnavailableError before anything
@@ -303,7 +305,8 @@ async def run_protect(*, spec: VmSpec, qmp_path: str, to: Endpoint, sec: LinkSec
             if spec.output_commit:
                 serial_log = spec.serial if isinstance(spec.serial, Path) else None
                 oc = OutputCommit(spec.nics, serial=spec.serial is not False,
-                                  serial_log=serial_log, on_output=wake.set)
+                                  serial_log=serial_log, on_output=wake.set,
+                                  thin_acks=thin_acks)
                 await oc.open(qmp)
                 agent.on_commit = oc.commit
                 status({"event": "output-commit", "nics": [n.id for n in spec.nics],

@@ -66,6 +66,10 @@ def register(sub: Any) -> None:
     p.add_argument("--epoch-max-ms", type=int, metavar="MS",
                    help="adaptive epoch length: the longest, reached when idle (default "
                    "--interval, or --epoch-min-ms if larger)")
+    p.add_argument("--ack-thinning", default="on", choices=["on", "off"],
+                   help="output commit: of the pure TCP ACKs one flow has in a release, "
+                   "send only the newest (default on; off for peers whose slow start "
+                   "counts ACKs rather than bytes; docs/output-commit.md)")
     p.add_argument("--epochs", type=int, default=0, help="stop after N epochs (0: never)")
     p.add_argument("--generation", type=int, default=1, metavar="N",
                    help="fencing token of this primary (default 1; after a failover, "
@@ -155,7 +159,8 @@ def run_protect(args: argparse.Namespace) -> int:
                                cluster=_cluster_options(args), fencer_log=args.fencer_log,
                                control=args.control, metrics=args.metrics,
                                epoch_min_ms=args.epoch_min_ms,
-                               epoch_max_ms=args.epoch_max_ms))
+                               epoch_max_ms=args.epoch_max_ms,
+                               thin_acks=args.ack_thinning == "on"))
     if outcome == "released" and not args.json:
         print("the primary exited; its lease was released to the shadow", file=sys.stderr)
     elif outcome == "switched-over" and not args.json:

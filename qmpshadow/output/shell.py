@@ -30,6 +30,7 @@ from typing import IO, Any
 from ..errors import ConfigError, QmpShadowError
 from ..qemu.nics import NicSpec, chardev_ids
 from ..qmp.control import QmpControl
+from .acks import thin_acks
 from .core import FrameDecoder, HoldQueue, encode_frame
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class _Channel:
     sink_file: IO[bytes] | None = None  # serial: the log
     closed: bool = False
     read_bytes: int = 0
+    thin: bool = False  # NIC: drop the pure ACKs a later one of the release stands for
+    thinned: int = 0
 
     def drain(self) -> int:
         """Read what the socket holds now (never blocks); returns the bytes read."""
@@ -89,6 +92,9 @@ class _Channel:
         if not items:
             return
         if self.sink_writer is not None:
+            if self.thin:
+                items, dropped = thin_acks(items)
+                self.thinned += dropped
             if not self.sink_writer.is_closing():
                 self.sink_writer.write(b"".join(encode_frame(f) for f in items))
         elif self.sink_file is not None:
@@ -100,14 +106,18 @@ class OutputCommit:
     """The source agent's output-commit shell for one primary.
 
     ``on_output`` is called (from the loop) whenever new output is held: the checkpoint
-    loop uses it to cut an idle epoch short.
+    loop uses it to cut an idle epoch short. ``thin_acks``: each NIC release leaves out
+    the pure TCP ACKs that a later ACK of the same flow and release stands for
+    (qmpshadow.output.acks, docs/output-commit.md).
     """
 
     def __init__(self, nics: tuple[NicSpec, ...], *, serial: bool,
                  serial_log: Path | None = None,
-                 on_output: Callable[[], None] | None = None) -> None:
+                 on_output: Callable[[], None] | None = None,
+                 thin_acks: bool = True) -> None:
         self.nics = nics
         self.serial = serial
+        self.thin_acks = thin_acks
         self.serial_log = serial_log
         self.on_output = on_output
         self.channels: list[_Channel] = []
@@ -148,6 +158,7 @@ class OutputCommit:
             ch = _Channel(name=out, sock=sock)
             if nic is not None:
                 ch.decoder = FrameDecoder()
+                ch.thin = self.thin_acks
                 try:
                     _r, ch.sink_writer = await asyncio.open_unix_connection(paths[inn])
                 except OSError as exc:
@@ -205,13 +216,16 @@ class OutputCommit:
 
     def status(self) -> dict[str, float | int | None]:
         """Counters for status documents and metrics; ``commit_lag_ms``: seal → release
-        of the last committed epoch (what output commit adds after the epoch ended)."""
+        of the last committed epoch (what output commit adds after the epoch ended);
+        ``output_acks_thinned``: committed pure ACKs left out of their release (counted
+        in ``output_released`` too)."""
         qs = [ch.queue for ch in self.channels]
         return {"commit_lag_ms": self.commit_lag_ms,"output_held": sum(q.held_items for q in qs),
                 "output_held_bytes": sum(q.held_bytes for q in qs),
                 "output_released": sum(q.released_items for q in qs),
                 "output_released_bytes": sum(q.released_bytes for q in qs),
-                "output_dropped": sum(q.dropped_items for q in qs)}
+                "output_dropped": sum(q.dropped_items for q in qs),
+                "output_acks_thinned": sum(ch.thinned for ch in self.channels)}
 
     async def close(self) -> None:
         """Drop what is held (it was never committed) and close the sockets."""
