@@ -183,7 +183,8 @@ _DIAG_KEYS = ("TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPLossProbes"
               "Eth0RxDrop", "Eth0RxFifo", "eth0_rx_dropped", "eth0_rx_missed_errors",
               "eth0_rx_over_errors", "eth0_rx_fifo_errors", "softnet_dropped",
               "TcpExtTCPHystartTrainDetect", "TcpExtTCPHystartTrainCwnd",
-              "TcpExtTCPHystartDelayDetect", "TcpExtTCPHystartDelayCwnd")
+              "TcpExtTCPHystartDelayDetect", "TcpExtTCPHystartDelayCwnd",
+              "TcpExtTCPMemoryPressures", "TcpExtTCPMemoryPressuresChrono")
 
 
 async def snapshot(lan: Any, tap: str) -> dict[str, Any]:

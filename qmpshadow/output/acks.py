@@ -30,6 +30,9 @@ _PROTO_TCP = 6
 _ACK = 0x10
 _NOT_PURE = 0x01 | 0x02 | 0x04 | 0x20 | 0x40 | 0x80
 _OPT_EOL, _OPT_NOP, _OPT_SACK = 0, 1, 5
+# the longest pure ACK: Ethernet + 802.1Q + IPv6 + TCP with 40 bytes of options; anything
+# longer carries payload (or headers this module does not follow) and is skipped unparsed
+_MAX_PURE_ACK = 14 + 4 + 40 + 60
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
@@ -40,7 +43,7 @@ def pure_ack(frame: bytes) -> tuple[FlowKey, int] | None:
     """``(flow, ack number)`` when ``frame`` is a pure cumulative TCP ACK that a later,
     larger one may stand for; None otherwise (including anything unparsable)."""
     n = len(frame)
-    if n < 14:
+    if n < 14 or n > _MAX_PURE_ACK:
         return None
     (etype,) = _U16.unpack_from(frame, 12)
     off = 14

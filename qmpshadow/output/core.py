@@ -41,6 +41,16 @@ def encode_frame(frame: bytes) -> bytes:
     return _LEN.pack(len(frame)) + frame
 
 
+def encode_frames(frames: list[bytes]) -> bytes:
+    """Frames in redirector framing, joined (one release). Raises OutputFramingError for an
+    oversized frame."""
+    if frames and (n := max(map(len, frames))) > MAX_FRAME:
+        raise OutputFramingError(f"frame of {n} bytes, expected at most {MAX_FRAME}",
+                                 offset=0, length=n)
+    pack = _LEN.pack
+    return b"".join([x for f in frames for x in (pack(len(f)), f)])
+
+
 class FrameDecoder:
     """Splits a redirector byte stream into frames.
 

@@ -31,7 +31,7 @@ from ..errors import ConfigError, QmpShadowError
 from ..qemu.nics import NicSpec, chardev_ids
 from ..qmp.control import QmpControl
 from .acks import thin_acks
-from .core import FrameDecoder, HoldQueue, encode_frame
+from .core import FrameDecoder, HoldQueue, encode_frames
 
 log = logging.getLogger(__name__)
 _READ = 1 << 16
@@ -96,7 +96,7 @@ class _Channel:
                 items, dropped = thin_acks(items)
                 self.thinned += dropped
             if not self.sink_writer.is_closing():
-                self.sink_writer.write(b"".join(encode_frame(f) for f in items))
+                self.sink_writer.write(encode_frames(items))
         elif self.sink_file is not None:
             self.sink_file.write(b"".join(items))
             self.sink_file.flush()

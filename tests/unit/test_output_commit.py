@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qmpshadow.errors import ConfigError
-from qmpshadow.output import EpochPolicy, FrameDecoder, HoldQueue, encode_frame
+from qmpshadow.output import EpochPolicy, FrameDecoder, HoldQueue, encode_frame, encode_frames
 from qmpshadow.output.core import MAX_FRAME, OutputFramingError
 from qmpshadow.output.shell import _chardev_paths
 from qmpshadow.qemu.argv import RunPaths, primary_argv, shadow_argv
@@ -23,6 +23,7 @@ frames_st = st.lists(st.binary(min_size=1, max_size=1600), max_size=12)
 @given(frames_st, st.integers(min_value=1, max_value=97))
 def test_decoder_whole_and_split_at_every_chunk_size(frames: list[bytes], step: int) -> None:
     stream = b"".join(encode_frame(f) for f in frames)
+    assert encode_frames(frames) == stream
     whole = FrameDecoder()
     whole.receive_data(stream)
     assert whole.frames() == frames and whole.buffered == 0
@@ -56,6 +57,8 @@ def test_decoder_bounds_the_length_and_skips_empty_frames() -> None:
     assert "vnet_hdr" in str(err.value)
     with pytest.raises(OutputFramingError):
         encode_frame(b"\0" * (MAX_FRAME + 1))
+    with pytest.raises(OutputFramingError):
+        encode_frames([b"x", b"\0" * (MAX_FRAME + 1)])
 
 
 def test_hold_queue_releases_only_committed_epochs_in_order() -> None:
