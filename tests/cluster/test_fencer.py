@@ -22,6 +22,11 @@ from qmpshadow.cluster.primary import PrimaryProcess, pid_of_socket
 @pytest.fixture
 def victim() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["sleep", "300"])
+    # Popen returns once the exec has begun (the close-on-exec pipe closed), which is
+    # before the kernel has set up the new argv: /proc/PID/cmdline reads empty until then
+    deadline = time.monotonic() + 5
+    while not Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.001)
     try:
         yield proc
     finally:
