@@ -35,10 +35,7 @@ class OutputFramingError(QmpShadowError):
 
 def encode_frame(frame: bytes) -> bytes:
     """One frame in redirector framing. Raises OutputFramingError for an oversized frame."""
-    if len(frame) > MAX_FRAME:
-        raise OutputFramingError(f"frame of {len(frame)} bytes, expected at most {MAX_FRAME}",
-                                 offset=0, length=len(frame))
-    return _LEN.pack(len(frame)) + frame
+    return encode_frames([frame])
 
 
 def encode_frames(frames: list[bytes]) -> bytes:

@@ -92,10 +92,10 @@ class _Channel:
         if not items:
             return
         if self.sink_writer is not None:
-            if self.thin:
-                items, dropped = thin_acks(items)
-                self.thinned += dropped
             if not self.sink_writer.is_closing():
+                if self.thin:
+                    items, dropped = thin_acks(items)
+                    self.thinned += dropped
                 self.sink_writer.write(encode_frames(items))
         elif self.sink_file is not None:
             self.sink_file.write(b"".join(items))

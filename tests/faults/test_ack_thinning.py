@@ -89,15 +89,17 @@ async def test_transfer_to_the_guest(launch_vm: LaunchVm, short_tmp: Path, tcg: 
             await shadow.wait_event(lambda e: e.get("event") == "committed"
                                     and e["epoch"] >= 3, timeout=60, also=[source])
             t0 = time.monotonic()
-            done = await _run_peer(lan, [sys.executable, "-c", PEER, GUEST_IP, "5002",
-                                         str(SIZE)])
+            done = await asyncio.to_thread(
+                subprocess.run, lan.ns.exec_argv([sys.executable, "-c", PEER, GUEST_IP, "5002",
+                                                  str(SIZE)]),
+                capture_output=True, text=True, timeout=180, check=False)
             elapsed = time.monotonic() - t0
             assert done.returncode == 0, (done.stderr[-2000:], source.text()[-2000:])
             peer = json.loads(done.stdout)
-            n0 = source.count("epoch")
-            await source.wait_event(lambda e: e.get("event") == "epoch"
-                                    and source.count("epoch") > n0 + 2, timeout=30)
-            last = [e for e in source.events() if e.get("event") == "epoch"][-1]
+            # two epochs on: every ACK of the transfer has been released and counted
+            seen = max(e["epoch"] for e in source.events() if e.get("event") == "epoch")
+            last = await source.wait_event(lambda e: e.get("event") == "epoch"
+                                           and e["epoch"] >= seen + 2, timeout=30)
             report = {**peer, "thinned": last.get("output_acks_thinned"),
                       "released": last.get("output_released"), "elapsed": elapsed}
             print(f"ack thinning {thinning}:", json.dumps(report))
@@ -114,7 +116,3 @@ async def test_transfer_to_the_guest(launch_vm: LaunchVm, short_tmp: Path, tcg: 
                 if a is not None:
                     a.close()
 
-
-async def _run_peer(lan: Lan, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(subprocess.run, lan.ns.exec_argv(argv),
-                                   capture_output=True, text=True, timeout=180, check=False)
