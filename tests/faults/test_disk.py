@@ -5,14 +5,18 @@ kill -9 of the primary at a random point, the shadow promotes itself.
   guest's memory and disk self-checks stay clean.
 - ``mode = "shared"``: nothing is copied and the promotion works, but the promoted guest
   sees disk writes the primary made after the committed checkpoint (its disk self-check
-  reports them): the documented limit of that mode (docs/disks.md).
+  reports them): the documented limit of that mode (docs/disks.md). To be sure there were
+  such writes, the primary is killed only after it has run on with no checkpoint able to
+  start (a kill that lands inside a checkpoint's pause leaves none).
 - A bad ``[[disks]]`` table stops ``protect`` before it touches the primary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import subprocess
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from qmpshadow.qemu.spec import VmSpec
 from qmpshadow.qemu.testguest import guest_kernel_path, kernel_args, parse_serial, wait_for_counter
 from tests.faults.e2e import (
     CLI,
+    Agent,
     assert_committed_monotonic,
     cluster_args,
     kill_pid,
@@ -82,8 +87,11 @@ async def test_cli_kill_primary_with_disk(launch_vm: LaunchVm, short_tmp: Path,
         await shadow.wait_event(lambda e: e.get("event") == "committed" and e["epoch"] >= 4,
                                 timeout=60, also=[source])
         await asyncio.sleep(random.uniform(0.05, 0.4))  # a random point of the cycle
+        if mode == "shared":
+            await _hold_source_while_primary_runs(source, vm.run.serial_log)
         vm.kill()
         await vm.wait()
+        os.kill(source.pid, signal.SIGCONT)
         ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
                                      allow_exit=True)
         promoted_pid = ev["pid"]
@@ -106,6 +114,26 @@ async def test_cli_kill_primary_with_disk(launch_vm: LaunchVm, short_tmp: Path,
         source.close()
         shadow.close()
         kill_pid(promoted_pid)
+
+
+async def _hold_source_while_primary_runs(source: Agent, serial: Path) -> None:
+    """SIGSTOP the source agent, and return once the primary has printed two more counter
+    lines: it then ran after any checkpoint that can still commit, and rewrote disk slots
+    the shadow's copy of memory knows older contents of. If the agent was stopped inside a
+    checkpoint's pause (the primary does not move on), let it go and try again."""
+    loop = asyncio.get_running_loop()
+    for _ in range(20):
+        os.kill(source.pid, signal.SIGSTOP)
+        before = parse_serial(serial.read_text(errors="replace"))[-1].counter
+        deadline = loop.time() + 1.0
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            lines = parse_serial(serial.read_text(errors="replace"))
+            if sum(x.counter > before for x in lines) >= 2:
+                return
+        os.kill(source.pid, signal.SIGCONT)
+        await asyncio.sleep(random.uniform(0.05, 0.2))
+    raise AssertionError("the primary never ran on while its source agent was held")
 
 
 def test_cli_bad_disk_spec_is_refused(short_tmp: Path) -> None:
