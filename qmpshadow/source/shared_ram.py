@@ -3,8 +3,8 @@
 Per checkpoint: ``stop`` → device state by ``migrate`` with ``x-ignore-shared`` to our unix
 socket (small RAM blocks + devices + vmdesc, no page of the shared block; read to EOF —
 QEMU closes only after it set ``postmigrate``) → keyed xxh3 scan of every page of the RAM
-file against the previous epoch's table → copy the changed pages → ``cont``. Works under
-TCG and KVM and needs no COLO.
+file against the previous epoch's table → copy the changed pages → ``cont`` → parse the
+stream (the primary need not wait for that). Works under TCG and KVM and needs no COLO.
 """
 
 from __future__ import annotations
@@ -229,10 +229,6 @@ class SharedRamSource:
                 raise QmpShadowError(f"no device-state stream within {timeout} s") from None
             if isinstance(got, BaseException):
                 raise QmpShadowError(f"device-state stream failed: {got}")
-            blocks, small, ps = parse_device_stream(got, self.main_block)
-            if ps != self.page_size:
-                raise StreamFormatError(f"page size {ps}, expected {self.page_size}",
-                                        offset=0)
             changed, pages = await asyncio.shield(scan)
             await self._while_stopped(held, release)
             ok = True
@@ -245,6 +241,18 @@ class SharedRamSource:
             if resume or not ok:
                 await qmp.cont()
         t1 = time.monotonic()
+        # Parsed once the primary runs again: the stream is already whole, and its parse
+        # was a quarter of the pause (3.6 of 13.8 ms, 128 MiB Linux guest under TCG).
+        try:
+            blocks, small, ps = parse_device_stream(got, self.main_block)
+            if ps != self.page_size:
+                raise StreamFormatError(f"page size {ps}, expected {self.page_size}",
+                                        offset=0)
+        except QmpShadowError:
+            self._force_full = True
+            if not resume:  # a failed checkpoint never leaves the primary stopped
+                await qmp.cont()
+            raise
         base = 0 if full else self.epoch_number
         self.epoch_number += 1
         self._force_full = False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpshadow.errors import AccelError, QmpShadowError
+from qmpshadow.errors import AccelError, ConfigError, QmpShadowError
 from qmpshadow.migstream.colo import encode_colo
 from qmpshadow.migstream.constants import ColoMessage
 from qmpshadow.qemu.accel import AccelChoice
@@ -103,6 +103,35 @@ async def test_shared_ram_epoch_after_a_failed_one_is_full(
         assert ep.number == 3 and not ep.full and ep.base == 2
         _apply(image, ep)
         _same_as_dump(image, short_tmp / "d3.ram")
+    finally:
+        await src.close()
+
+
+async def test_shared_ram_stream_refused_after_cont(launch_vm: LaunchVm, short_tmp: Path,
+                                                   tcg: AccelChoice) -> None:
+    """The device-state stream is parsed once the primary runs again: a stream it refuses
+    still fails the checkpoint, the primary is left running (a switchover's final epoch,
+    ``resume=False``, too), and the next epoch carries every page."""
+    mem_path = short_tmp / "primary.ram"
+    vm: QemuProcess = await launch_vm(dirtier_spec("sp", mem_path=mem_path), accel=tcg)
+    await wait_for_counter(vm.run.serial_log, timeout=30)
+    src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
+                          sock_path=short_tmp / "dev.sock")
+    await src.open()
+    image = bytearray(MIB << 20)
+    try:
+        _apply(image, await checkpoint_with_dump(src, vm, short_tmp / "d1.ram"))
+        src.main_block = "pc.bios"  # every stream carries its pages: refused as the main's
+        for resume in (True, False):
+            with pytest.raises(ConfigError, match="carries pages of the main block"):
+                await src.checkpoint(resume=resume)
+            assert (await vm.qmp.query_status()).running, resume
+        src.main_block = "mem"
+        dump = short_tmp / "d2.ram"
+        ep = await checkpoint_with_dump(src, vm, dump)
+        _apply(image, ep)
+        _same_as_dump(image, dump)
+        assert ep.number == 2 and ep.full and ep.base == 0
     finally:
         await src.close()
 
