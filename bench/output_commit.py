@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,12 @@ def client(mode: str, seconds: float, diag: bool = False, cc: str = "",
     # (where slow start ended, and why, decides this run's figure)
     trail: list[str] = []
     trail_at = t0 + 0.2
+    # --diag, guest -> peer: the guest's sending socket (its cwnd and ssthresh) every
+    # 0.5 s, read over port 5003 from a thread (the reply is held like any output)
+    gtrail: list[str] = []
+    stop = threading.Event()
+    if diag and mode == "from-guest":
+        threading.Thread(target=_guest_trail, args=(t0, stop, gtrail), daemon=True).start()
     buf = b"\0" * (1 << 16)
     while (now := time.monotonic()) - t0 < seconds:
         if diag and not ss_out and now >= ss_at:
@@ -119,9 +126,29 @@ def client(mode: str, seconds: float, diag: bool = False, cc: str = "",
     if mode != "from-guest":
         outq = fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         n -= int.from_bytes(outq, sys.byteorder)
+    stop.set()
     print(json.dumps({"mbit": n * 8 / (now - t0) / 1e6, "bytes": n, "ss": ss_out,
-                      "trail": trail}))
+                      "trail": trail, "guest_trail": gtrail}))
     s.close()
+
+
+def _guest_trail(t0: float, stop: threading.Event, out: list[str]) -> None:
+    """The guest's port-5001 socket out of its /proc/net/tcp or tcp6: tx_queue (bytes
+    written and not yet acknowledged, sent or not), snd_cwnd and ssthresh (-1: still in
+    slow start)."""
+    while not stop.wait(0.5):
+        try:
+            text = _guest_text()
+        except OSError as exc:
+            out.append(f"{time.monotonic() - t0:.1f}s ({exc})")
+            continue
+        for line in text.splitlines():
+            f = line.split()
+            # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref ptr rto ato
+            # qack cwnd ssthresh
+            if len(f) >= 17 and f[1].endswith(":1389") and f[3] == "01":
+                out.append(f"{time.monotonic() - t0:.1f}s txq:{int(f[4].split(':')[0], 16)}"
+                           f" cwnd:{f[15]} ssthresh:{f[16]}")
 
 
 def _ss() -> str:
@@ -142,12 +169,16 @@ def _ss_brief(text: str) -> str:
 def guest_stats() -> None:
     """Runs inside the namespace: prints the guest's port 5003 (its /proc/net/snmp,
     netstat, dev and tcp_* sysctls)."""
-    s = socket.create_connection((GUEST, 5003), timeout=10)
-    s.settimeout(10)
-    chunks = []
-    while data := s.recv(1 << 16):
-        chunks.append(data)
-    print(b"".join(chunks).decode(errors="replace"))
+    print(_guest_text())
+
+
+def _guest_text() -> str:
+    with socket.create_connection((GUEST, 5003), timeout=10) as s:
+        s.settimeout(10)
+        chunks = []
+        while data := s.recv(1 << 16):
+            chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _counters(text: str) -> dict[str, int]:
@@ -245,6 +276,8 @@ async def measure(lan: Any, seconds: float, pings: int, diag: bool = False,
             if diag:
                 print(f"  {mode}: {out[mode]:.1f} Mb/s; peer ss: {doc['ss']}")
                 print("    peer trail: " + " | ".join(doc["trail"]))
+                if doc.get("guest_trail"):
+                    print("    guest trail: " + " | ".join(doc["guest_trail"]))
                 after = await snapshot(lan, tap)
                 print_diff(mode, before, after)
                 if mode == "from-guest":
@@ -415,8 +448,9 @@ if __name__ == "__main__":
     ap.add_argument("--settle", type=float, default=3.0, metavar="S",
                     help="seconds between the two TCP directions (3)")
     ap.add_argument("--diag", action="store_true", help="print the peer's ss -ti and its "
-                    "cwnd/ssthresh/rtt trail, peer and guest TCP counters (retransmits, "
-                    "losses, drops, HyStart exits) and the tap's ip -s link")
+                    "cwnd/ssthresh/rtt trail, the guest's sending socket (guest -> peer: "
+                    "send queue, cwnd, ssthresh every 0.5 s), peer and guest TCP counters "
+                    "(retransmits, losses, drops, HyStart exits) and the tap's ip -s link")
     ap.add_argument("--client", choices=["from-guest", "to-guest", "ping", "stats"],
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
