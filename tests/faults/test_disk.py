@@ -91,7 +91,7 @@ async def test_cli_kill_primary_with_disk(launch_vm: LaunchVm, short_tmp: Path,
             await _hold_source_while_primary_runs(source, vm.run.serial_log)
         vm.kill()
         await vm.wait()
-        os.kill(source.pid, signal.SIGCONT)
+        os.kill(source.pid, signal.SIGCONT)  # held in "shared" mode; a no-op otherwise
         ev = await shadow.wait_event(lambda e: e.get("event") == "failover", timeout=30,
                                      allow_exit=True)
         promoted_pid = ev["pid"]
