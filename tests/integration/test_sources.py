@@ -39,14 +39,22 @@ def _same_as_dump(image: bytearray, dump: Path) -> None:
     assert not differing_pages(image, dump)
 
 
-async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
-                                                tcg: AccelChoice) -> None:
+async def _shared_ram(launch_vm: LaunchVm, short_tmp: Path, tcg: AccelChoice, name: str,
+                      **spec: int) -> tuple[QemuProcess, SharedRamSource]:
+    """A running dirtier primary with its RAM in a file, and a shared-RAM source opened on
+    it."""
     mem_path = short_tmp / "primary.ram"
-    vm: QemuProcess = await launch_vm(dirtier_spec("sr", mem_path=mem_path), accel=tcg)
+    vm: QemuProcess = await launch_vm(dirtier_spec(name, mem_path=mem_path, **spec), accel=tcg)
     await wait_for_counter(vm.run.serial_log, timeout=30)
     src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
                           sock_path=short_tmp / "dev.sock")
     await src.open()
+    return vm, src
+
+
+async def test_shared_ram_epochs_are_byte_exact(launch_vm: LaunchVm, short_tmp: Path,
+                                                tcg: AccelChoice) -> None:
+    vm, src = await _shared_ram(launch_vm, short_tmp, tcg, "sr")
     image = bytearray(MIB << 20)
     try:
         for n in range(1, 6):
@@ -73,15 +81,9 @@ async def test_shared_ram_epoch_after_a_failed_one_is_full(
     """A checkpoint that fails after its RAM scan ran (here: its device-state stream is
     given up on at once) leaves that scan's pages in the table; the next epoch must carry
     every page, or the pages that changed since the last captured epoch would be lost."""
-    mem_path = short_tmp / "primary.ram"
     # a region the guest takes ~0.5 s to go round: pages it dirtied before the failed
     # attempt are not all dirtied again before the next epoch
-    vm: QemuProcess = await launch_vm(dirtier_spec("sf", mem_path=mem_path, region_mib=32),
-                                      accel=tcg)
-    await wait_for_counter(vm.run.serial_log, timeout=30)
-    src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
-                          sock_path=short_tmp / "dev.sock")
-    await src.open()
+    vm, src = await _shared_ram(launch_vm, short_tmp, tcg, "sf", region_mib=32)
     image = bytearray(MIB << 20)
     try:
         ep = await checkpoint_with_dump(src, vm, short_tmp / "d1.ram")
@@ -112,12 +114,7 @@ async def test_shared_ram_stream_refused_after_cont(launch_vm: LaunchVm, short_t
     """The device-state stream is parsed once the primary runs again: a stream it refuses
     still fails the checkpoint, the primary is left running (a switchover's final epoch,
     ``resume=False``, too), and the next epoch carries every page."""
-    mem_path = short_tmp / "primary.ram"
-    vm: QemuProcess = await launch_vm(dirtier_spec("sp", mem_path=mem_path), accel=tcg)
-    await wait_for_counter(vm.run.serial_log, timeout=30)
-    src = SharedRamSource(vm.qmp, mem_path=mem_path, main_block="mem",
-                          sock_path=short_tmp / "dev.sock")
-    await src.open()
+    vm, src = await _shared_ram(launch_vm, short_tmp, tcg, "sp")
     image = bytearray(MIB << 20)
     try:
         _apply(image, await checkpoint_with_dump(src, vm, short_tmp / "d1.ram"))
