@@ -8,7 +8,7 @@ until the epoch that produced them is committed at the shadow (docs/output-commi
   output back.
 """
 
-from .core import FrameDecoder, HoldQueue, encode_frame, encode_frames
+from .core import FrameDecoder, HoldQueue, encode_frames
 from .policy import EpochPolicy
 
-__all__ = ["EpochPolicy", "FrameDecoder", "HoldQueue", "encode_frame", "encode_frames"]
+__all__ = ["EpochPolicy", "FrameDecoder", "HoldQueue", "encode_frames"]

@@ -33,11 +33,6 @@ class OutputFramingError(QmpShadowError):
         self.length = length
 
 
-def encode_frame(frame: bytes) -> bytes:
-    """One frame in redirector framing. Raises OutputFramingError for an oversized frame."""
-    return encode_frames([frame])
-
-
 def encode_frames(frames: list[bytes]) -> bytes:
     """Frames in redirector framing, joined (one release). Raises OutputFramingError for an
     oversized frame."""

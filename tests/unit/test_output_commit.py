@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qmpshadow.errors import ConfigError
-from qmpshadow.output import EpochPolicy, FrameDecoder, HoldQueue, encode_frame, encode_frames
+from qmpshadow.output import EpochPolicy, FrameDecoder, HoldQueue, encode_frames
 from qmpshadow.output.core import MAX_FRAME, OutputFramingError
 from qmpshadow.output.shell import _chardev_paths
 from qmpshadow.qemu.argv import RunPaths, primary_argv, shadow_argv
@@ -22,7 +22,7 @@ frames_st = st.lists(st.binary(min_size=1, max_size=1600), max_size=12)
 
 @given(frames_st, st.integers(min_value=1, max_value=97))
 def test_decoder_whole_and_split_at_every_chunk_size(frames: list[bytes], step: int) -> None:
-    stream = b"".join(encode_frame(f) for f in frames)
+    stream = b"".join(struct.pack(">I", len(f)) + f for f in frames)  # the redirector's
     assert encode_frames(frames) == stream
     whole = FrameDecoder()
     whole.receive_data(stream)
@@ -37,7 +37,7 @@ def test_decoder_whole_and_split_at_every_chunk_size(frames: list[bytes], step: 
 
 def test_decoder_split_at_every_offset() -> None:
     frames = [b"\x01" * 60, b"abc", b"\xff" * 1514]
-    stream = b"".join(encode_frame(f) for f in frames)
+    stream = b"".join(encode_frames([f]) for f in frames)
     for cut in range(len(stream) + 1):
         dec = FrameDecoder()
         dec.receive_data(stream[:cut])
@@ -48,7 +48,7 @@ def test_decoder_split_at_every_offset() -> None:
 
 def test_decoder_bounds_the_length_and_skips_empty_frames() -> None:
     dec = FrameDecoder()
-    dec.receive_data(struct.pack(">I", 0) + encode_frame(b"x"))
+    dec.receive_data(struct.pack(">I", 0) + encode_frames([b"x"]))
     assert dec.frames() == [b"x"]
     dec.receive_data(struct.pack(">I", MAX_FRAME + 1) + b"\0" * 8)
     with pytest.raises(OutputFramingError) as err:
@@ -56,7 +56,7 @@ def test_decoder_bounds_the_length_and_skips_empty_frames() -> None:
     assert err.value.offset == 9 and err.value.length == MAX_FRAME + 1
     assert "vnet_hdr" in str(err.value)
     with pytest.raises(OutputFramingError):
-        encode_frame(b"\0" * (MAX_FRAME + 1))
+        encode_frames([b"\0" * (MAX_FRAME + 1)])
     with pytest.raises(OutputFramingError):
         encode_frames([b"x", b"\0" * (MAX_FRAME + 1)])
 
